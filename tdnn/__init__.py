@@ -1,0 +1,22 @@
+"""tdnn: make trained PyTorch networks smaller and faster with low-rank factorized layers.
+
+Example:
+    >>> import torch, tdnn
+    >>> net = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
+    >>> small = tdnn.compress_model(net, ranks=0.5)
+    >>> print(tdnn.report(small).param_ratio < 0.55)
+    True
+"""
+
+from tdnn.compress import compress_model
+from tdnn.layers import CPConv2d, Factorized, SVDConv2d, SVDLinear, Tucker2Conv2d
+from tdnn.plan import LayerPlan, Plan
+from tdnn.ranks import LayerSpec
+from tdnn.report import LayerRecord, Report, report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "compress_model", "report", "Report", "LayerRecord", "Plan", "LayerPlan", "LayerSpec",
+    "Factorized", "SVDLinear", "SVDConv2d", "Tucker2Conv2d", "CPConv2d",
+]

@@ -1,0 +1,147 @@
+"""Tensor decompositions behind the factorized layers.
+
+This is the only module that imports tensorly. Every function takes a weight tensor, works in
+float64 under ``torch.no_grad()`` with a fixed seed, and returns float64 factors; the caller
+casts them to the layer's dtype and device. tensorly's backend is switched only inside a local
+context, so a user's own tensorly code keeps its backend.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import tensorly as tl
+from tensorly.decomposition import parafac, partial_tucker
+
+SEED = 0
+
+
+def _f64(tensor: torch.Tensor) -> torch.Tensor:
+    # Meta/offloaded weights cannot be decomposed; callers check that before reaching here.
+    return tensor.detach().to(dtype=torch.float64, device="cpu")
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    # tensorly warns whenever a requested rank exceeds one unfolding's size and then clamps it,
+    # which is expected for full-rank Tucker and wide CP decompositions.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs")
+        yield
+
+
+def _top_singular(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Leading ``rank`` singular triplets from an eigendecomposition of the smaller Gram matrix.
+
+    Much faster than a full SVD of a wide unfolding (a 512 × 4608 kernel: 0.08 s against 0.9 s
+    on 2 cores) and accurate in float64 for every singular value above ~1e-8 of the largest.
+
+    Returns:
+        ``u`` ``(m, rank)`` with orthonormal columns, singular values ``s`` ``(rank,)``, and
+        ``proj = uᵀ @ matrix`` ``(rank, n)``, so ``u @ proj`` is the best rank-``rank`` approximation.
+    """
+    rows, cols = matrix.shape
+    if rows <= cols or rank > cols:  # the row Gram also completes a basis beyond the matrix rank
+        evals, vecs = torch.linalg.eigh(matrix @ matrix.T)
+        u = vecs.flip(1)[:, :rank]
+        proj = u.T @ matrix
+    else:
+        evals, vecs = torch.linalg.eigh(matrix.T @ matrix)
+        v = vecs.flip(1)[:, :rank]
+        # QR keeps u orthonormal even where singular values vanish.
+        u, r = torch.linalg.qr(matrix @ v)
+        proj = r @ v.T
+    return u, evals.flip(0)[:rank].clamp_min(0).sqrt(), proj
+
+
+def _tensorly_svd(matrix: torch.Tensor, n_eigenvecs: int | None = None, **_: object
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_top_singular`` with tensorly's SVD signature, for its ``svd=`` argument."""
+    rank = min(matrix.shape) if n_eigenvecs is None else min(n_eigenvecs, *matrix.shape)
+    u, s, proj = _top_singular(matrix, rank)
+    return u, s, proj / s.clamp_min(torch.finfo(s.dtype).tiny)[:, None]
+
+
+@torch.no_grad()
+def svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated SVD ``matrix ≈ left @ right`` with the singular values split evenly.
+
+    ``left @ right`` is the best rank-``rank`` approximation (Eckart–Young). Splitting
+    ``sqrt(s)`` onto both factors keeps them on the same scale, which is what gradient descent
+    on the factors wants during fine-tuning.
+
+    Returns:
+        ``left`` of shape ``(m, rank)`` and ``right`` of shape ``(rank, n)``.
+    """
+    u, s, proj = _top_singular(_f64(matrix), rank)
+    root = s.sqrt().clamp_min(torch.finfo(s.dtype).tiny)
+    return u * root, proj / root[:, None]
+
+
+@torch.no_grad()
+def tucker2(
+    weight: torch.Tensor, ranks: tuple[int, int], *, n_iter_max: int = 10, tol: float = 1e-4
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tucker-2 of a conv kernel over its two channel modes: HOSVD, then HOOI refinement.
+
+    The HOSVD start is tensorly's ``partial_tucker`` (given a Gram-matrix SVD, which is ~10x faster
+    than its default on wide unfoldings). The refinement sweeps are done here because tensorly's
+    HOOI loop ignores the ``svd=`` argument and runs a full SVD per mode and sweep.
+
+    Args:
+        weight: kernel of shape ``(S, C, kh, kw)``.
+        ranks: ``(r_out, r_in)``.
+        n_iter_max: HOOI sweeps at most.
+        tol: stop when a sweep lowers the relative error by less than this.
+
+    Returns:
+        ``core`` ``(r_out, r_in, kh, kw)``, ``out_factor`` ``(S, r_out)``, ``in_factor`` ``(C, r_in)``
+        with ``weight ≈ core ×₀ out_factor ×₁ in_factor``.
+    """
+    w = _f64(weight)
+    r_out, r_in = ranks
+    with tl.backend_context("pytorch"), _quiet():
+        (_, (out_factor, in_factor)), _ = partial_tucker(
+            w, rank=[r_out, r_in], modes=[0, 1], init="svd", svd=_tensorly_svd, n_iter_max=0)
+    norm2, error = w.square().sum(), float("inf")
+    for _ in range(n_iter_max):
+        in_proj = torch.einsum("schw,cp->sphw", w, in_factor).flatten(1)
+        out_factor = _top_singular(in_proj, r_out)[0]
+        out_proj = torch.einsum("schw,sq->cqhw", w, out_factor).flatten(1)
+        in_factor = _top_singular(out_proj, r_in)[0]
+        core = torch.einsum("schw,sq,cp->qphw", w, out_factor, in_factor)
+        previous, error = error, float((norm2 - core.square().sum()).clamp_min(0).sqrt() / norm2.sqrt())
+        if previous - error < tol:
+            break
+    core = torch.einsum("schw,sq,cp->qphw", w, out_factor, in_factor)
+    return core, out_factor, in_factor
+
+
+@torch.no_grad()
+def cp(
+    weight: torch.Tensor, rank: int, *, n_iter_max: int = 100
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CP (PARAFAC) of a conv kernel by ALS from an SVD start.
+
+    The component weights are spread evenly over the four factors so no factor dwarfs the others.
+
+    Args:
+        weight: kernel of shape ``(S, C, kh, kw)``.
+        rank: number of rank-one components ``R``.
+
+    Returns:
+        Factors ``(S, R)``, ``(C, R)``, ``(kh, R)``, ``(kw, R)`` with
+        ``weight[s, c, i, j] ≈ Σ_r out[s, r] in[c, r] vertical[i, r] horizontal[j, r]``.
+    """
+    with tl.backend_context("pytorch"), _quiet():
+        weights, factors = parafac(
+            _f64(weight), rank=rank, init="svd", svd=_tensorly_svd, n_iter_max=n_iter_max, tol=1e-7,
+            normalize_factors=True, random_state=SEED,
+        )
+    # normalize_factors leaves unit columns and the scale (with its sign) in `weights`.
+    scale = weights.abs().pow(1 / 4)
+    out, inp, vertical, horizontal = (f * scale for f in factors)
+    return out * weights.sign(), inp, vertical, horizontal

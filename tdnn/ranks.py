@@ -1,0 +1,176 @@
+"""Rank specifications: what the user writes, and how it becomes a concrete rank per layer.
+
+A *spec* for one layer is one of
+
+* an ``int`` — the rank itself (for Tucker-2, both channel ranks);
+* a pair ``(r_out, r_in)`` — Tucker-2 channel ranks;
+* a ``float`` in ``(0, 1]`` — the fraction of the layer's parameters to keep;
+* ``None`` — leave the layer dense;
+* a :class:`LayerSpec` (or a dict ``{"rank": ..., "method": ...}``) — a rank with its own method.
+
+``ranks`` given to :func:`tdnn.compress_model` is a spec for every layer, a mapping from layer
+name (exact) or ``"re:<pattern>"`` (full match) to a spec, or a callable ``(name, module) -> spec``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Union
+
+from torch import nn
+
+from tdnn.layers.base import Factorized
+
+METHODS = ("auto", "svd", "tucker2", "cp")
+
+RankValue = Union[int, float, tuple[int, int], None]
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """A rank for one layer and, optionally, the method to use for it.
+
+    Args:
+        rank: an int, a pair ``(r_out, r_in)``, a float ratio in ``(0, 1]`` or ``None`` (dense).
+        method: ``"svd"``, ``"tucker2"``, ``"cp"``, ``"auto"`` or ``None`` for the global method.
+
+    Example:
+        >>> import tdnn
+        >>> tdnn.LayerSpec(rank=0.25, method="cp")
+        LayerSpec(rank=0.25, method='cp')
+    """
+
+    rank: RankValue
+    method: str | None = None
+
+    def __post_init__(self) -> None:
+        check_rank_value(self.rank, "LayerSpec")
+        if self.method is not None:
+            check_method(self.method)
+
+
+def check_method(method: Any, where: str = "method") -> str:
+    """Return ``method`` if it names a known method, else raise ``ValueError``."""
+    if method not in METHODS:
+        raise ValueError(f"{where}: unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return method
+
+
+def check_rank_value(rank: Any, where: str) -> RankValue:
+    """Validate one rank value (not yet against a layer)."""
+    if rank is None:
+        return None
+    if isinstance(rank, bool):
+        raise TypeError(f"{where}: rank must be an int, a float ratio or a pair of ints, got {rank!r}")
+    if isinstance(rank, int):
+        if rank < 1:
+            raise ValueError(f"{where}: rank={rank} must be at least 1")
+        return rank
+    if isinstance(rank, float):
+        if not (0.0 < rank <= 1.0):  # also rejects NaN
+            raise ValueError(f"{where}: ratio={rank} must be in (0, 1]")
+        return rank
+    if (isinstance(rank, (tuple, list)) and len(rank) == 2
+            and all(isinstance(r, int) and not isinstance(r, bool) for r in rank)):
+        for r in rank:
+            check_rank_value(r, where)
+        return tuple(rank)
+    raise TypeError(f"{where}: rank must be an int, a float ratio in (0, 1], a pair of ints or None, "
+                    f"got {rank!r}")
+
+
+def as_spec(value: Any, where: str) -> LayerSpec:
+    """Normalise a user value (rank, dict or ``LayerSpec``) to a ``LayerSpec``."""
+    if isinstance(value, LayerSpec):
+        return value
+    if isinstance(value, Mapping):
+        unknown = set(value) - {"rank", "method"}
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {sorted(unknown)}; a layer spec has 'rank' and 'method'")
+        if "rank" not in value:
+            raise ValueError(f"{where}: a layer spec needs a 'rank'")
+        return LayerSpec(check_rank_value(value["rank"], where), value.get("method"))
+    return LayerSpec(check_rank_value(value, where))
+
+
+NO_ENTRY = object()  # a mapping that names no pattern for a layer
+
+
+class RankRule:
+    """Turns ``ranks`` as the user gave it into a :class:`LayerSpec` per layer.
+
+    Exact names win over patterns; patterns are tried in the order given.
+    """
+
+    def __init__(self, ranks: Any) -> None:
+        self._fn: Callable[[str, nn.Module], Any] | None = None
+        self._exact: dict[str, LayerSpec] = {}
+        self._patterns: list[tuple[str, re.Pattern[str], LayerSpec]] = []
+        self._used: set[str] = set()
+        self._default: LayerSpec | None = None
+        if callable(ranks) and not isinstance(ranks, Mapping):
+            self._fn = ranks
+        elif isinstance(ranks, Mapping):
+            for key, value in ranks.items():
+                if not isinstance(key, str):
+                    raise TypeError(f"ranks: keys must be layer names or 're:' patterns, got {key!r}")
+                spec = as_spec(value, f"ranks[{key!r}]")
+                if key.startswith("re:"):
+                    try:
+                        self._patterns.append((key, re.compile(key[3:]), spec))
+                    except re.error as err:
+                        raise ValueError(f"ranks[{key!r}]: invalid regular expression: {err}") from None
+                else:
+                    self._exact[key] = spec
+        else:
+            self._default = as_spec(ranks, "ranks")
+
+    def __call__(self, name: str, module: nn.Module) -> LayerSpec | object:
+        """The spec for layer ``name``, or ``NO_ENTRY`` when a mapping does not cover it."""
+        if self._default is not None:
+            return self._default
+        if self._fn is not None:
+            return as_spec(self._fn(name, module), f"ranks({name!r})")
+        if name in self._exact:
+            self._used.add(name)
+            return self._exact[name]
+        for key, pattern, spec in self._patterns:
+            if pattern.fullmatch(name):
+                self._used.add(key)
+                return spec
+        return NO_ENTRY
+
+    def unused_keys(self) -> list[str]:
+        """Mapping keys that matched no layer so far."""
+        keys = list(self._exact) + [key for key, _, _ in self._patterns]
+        return [key for key in keys if key not in self._used]
+
+
+def param_count(cls: type[Factorized], layer: nn.Module, rank: Any) -> int:
+    """Parameters of ``cls`` at ``rank`` for ``layer``, counted on the meta device."""
+    return sum(p.numel() for p in cls.structure(layer, rank, device="meta").parameters())
+
+
+def dense_param_count(layer: nn.Module) -> int:
+    """Parameters of the dense layer (weight and bias)."""
+    return sum(p.numel() for p in layer.parameters(recurse=False))
+
+
+def rank_for_ratio(cls: type[Factorized], layer: nn.Module, ratio: float) -> Any:
+    """The largest rank of ``cls`` whose parameter count stays within ``ratio`` of ``layer``'s.
+
+    Falls back to the smallest rank when even that exceeds the budget.
+    """
+    levels = cls.rank_levels(layer)
+    budget = math.floor(ratio * dense_param_count(layer))
+    lo, hi = 0, len(levels) - 1  # parameter counts grow with the level: bisect
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if param_count(cls, layer, levels[mid]) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return levels[lo]

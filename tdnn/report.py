@@ -1,0 +1,167 @@
+"""What compression changed: per-layer records and totals, read off the compressed model."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from tdnn import walk
+from tdnn.batches import call
+from tdnn.layers.base import Factorized
+from tdnn.plan import PLAN_ATTR, Plan
+from tdnn.ranks import dense_param_count
+
+
+@dataclass
+class LayerRecord:
+    """One layer's numbers; FLOPs are ``None`` unless the report ran the model on an input."""
+
+    name: str
+    kind: str
+    method: str | None
+    rank: Any
+    params_before: int
+    params_after: int
+    flops_before: int | None = None
+    flops_after: int | None = None
+    rel_error: float | None = None
+    note: str | None = None
+
+
+@dataclass
+class Report:
+    """Per-layer records and whole-model totals (before = the dense original)."""
+
+    layers: list[LayerRecord] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    flops_before: int | None = None
+    flops_after: int | None = None
+
+    @property
+    def param_ratio(self) -> float:
+        return self.params_after / self.params_before
+
+    @property
+    def flop_ratio(self) -> float | None:
+        return None if self.flops_before is None else self.flops_after / self.flops_before
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "param_ratio": self.param_ratio, "flop_ratio": self.flop_ratio}
+
+    def __str__(self) -> str:
+        flops = self.flops_before is not None
+        head = ["layer", "type", "method", "rank", "params", "after"]
+        head += ["MFLOPs", "after"] if flops else []
+        head += ["rel.err", "note"]
+        rows = []
+        for r in self.layers:
+            row = [r.name or "(model)", r.kind, r.method or "dense", _fmt_rank(r.rank),
+                   f"{r.params_before:,}", f"{r.params_after:,}"]
+            row += [_mflops(r.flops_before), _mflops(r.flops_after)] if flops else []
+            row += ["-" if r.rel_error is None else f"{r.rel_error:.4f}", r.note or ""]
+            rows.append(row)
+        total = ["total", "", "", "", f"{self.params_before:,}", f"{self.params_after:,}"]
+        total += [_mflops(self.flops_before), _mflops(self.flops_after)] if flops else []
+        total += ["", f"params x{self.param_ratio:.3f}"
+                  + (f", FLOPs x{self.flop_ratio:.3f}" if flops else ", pass inputs= for FLOPs")]
+        widths = [max(len(str(c)) for c in col) for col in zip(head, *rows, total)]
+        right = {4, 5, 6, 7} if flops else {4, 5}
+
+        def line(cells: list[str]) -> str:
+            return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                             for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+        rule = "-" * len(line(total))
+        return "\n".join([line(head), rule, *map(line, rows), rule, line(total)])
+
+
+def _fmt_rank(rank: Any) -> str:
+    if rank is None:
+        return "-"
+    return "x".join(map(str, rank)) if isinstance(rank, tuple) else str(rank)
+
+
+def _mflops(flops: int | None) -> str:
+    return "-" if flops is None else f"{flops / 1e6:,.2f}"
+
+
+def _flops(module: nn.Module, *args: Any) -> int:
+    with FlopCounterMode(display=False) as counter:
+        module(*args)
+    return counter.get_total_flops()
+
+
+@torch.no_grad()
+def report(model: nn.Module, inputs: Any = None) -> Report:
+    """Summarise a (compressed) model: per-layer method, rank, parameters, FLOPs and weight error.
+
+    Parameters are counted from the model itself; "before" counts come from each factorized
+    layer's dense equivalent, so the totals equal the parameter counts of the original and the
+    compressed model. FLOPs are measured with ``torch.utils.flop_counter`` when ``inputs`` (one
+    batch: a tensor, a tuple of arguments or a dict of keyword arguments) is given.
+
+    Args:
+        model: a model returned by :func:`tdnn.compress_model` (any model works; layers that were
+            never compressed show as dense).
+        inputs: an example batch for FLOP counting, or ``None``.
+
+    Returns:
+        A :class:`Report`; ``str(report)`` is a readable table.
+
+    Example:
+        >>> import torch, tdnn
+        >>> net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+        >>> rep = tdnn.report(tdnn.compress_model(net, ranks=0.5), inputs=torch.randn(1, 64))
+        >>> rep.params_before == sum(p.numel() for p in net.parameters())
+        True
+        >>> round(rep.param_ratio, 2)
+        0.48
+    """
+    plan = getattr(model, PLAN_ATTR, None)
+    reasons = {entry.name: entry.reason for entry in plan.layers} if isinstance(plan, Plan) else {}
+    layers = list(walk.named_layers(model, (nn.Linear, nn.Conv2d, Factorized)))
+    records, seen_inputs = [], {}
+    for name, module, _ in layers:
+        if isinstance(module, Factorized):
+            after = sum(p.numel() for p in module.parameters())
+            before = dense_param_count(module.dense_type(**module.dense_kwargs, device="meta"))
+            records.append(LayerRecord(name, module.dense_type.__name__, module.method, module.rank,
+                                       before, after, rel_error=module.rel_error))
+        else:
+            count = dense_param_count(module)
+            records.append(LayerRecord(name, type(module).__name__, None, None, count, count,
+                                       note=reasons.get(name)))
+
+    rep = Report(records)
+    rep.params_after = sum(p.numel() for p in model.parameters())
+    rep.params_before = rep.params_after + sum(r.params_before - r.params_after for r in records)
+    if inputs is None:
+        return rep
+
+    def remember(module: nn.Module, args: tuple[Any, ...]) -> None:
+        seen_inputs.setdefault(id(module), args)
+
+    handles = [module.register_forward_pre_hook(remember) for _, module, _ in layers]
+    try:
+        with FlopCounterMode(display=False) as counter:
+            call(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    rep.flops_after = counter.get_total_flops()
+    for record, (_, module, _) in zip(records, layers):
+        args = seen_inputs.get(id(module))
+        if args is None:
+            record.note = (record.note + "; " if record.note else "") + "not called on this input"
+            continue
+        record.flops_after = _flops(module, *args)
+        dense = module.to_dense() if isinstance(module, Factorized) else module
+        record.flops_before = _flops(dense, *args)
+    rep.flops_before = rep.flops_after + sum(
+        r.flops_before - r.flops_after for r in records if r.flops_after is not None)
+    return rep

@@ -46,6 +46,11 @@ def _why_not(name: str, module: nn.Module, parent: nn.Module | None) -> str | No
         return "lazy module not initialised yet; run one forward pass first"
     if module.weight.is_meta:
         return "weight is on the meta device; load real weights before compressing"
+    # Factorizing would bake in the current weight and silently drop the constraint.
+    if torch.nn.utils.parametrize.is_parametrized(module):
+        return "weight is parametrized; call torch.nn.utils.parametrize.remove_parametrizations first"
+    if any(type(h).__name__ in ("WeightNorm", "SpectralNorm") for h in module._forward_pre_hooks.values()):
+        return "weight is recomputed by a weight_norm/spectral_norm hook; remove it first"
     return None
 
 

@@ -36,12 +36,52 @@ def named_layers(model: nn.Module, types: tuple[type, ...] = (nn.Linear, nn.Conv
     yield from visit("", model)
 
 
+# Forward and backward hooks act on a layer's inputs and outputs, which a replacement keeps.
+_HOOK_ATTRS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_pre_hooks",
+               "_backward_hooks")
+
+
+def _grad_flags(module: nn.Module) -> dict[bool, bool | None]:
+    """Whether ``module``'s weights (key ``False``) and biases (key ``True``) require gradients."""
+    flags: dict[bool, list[bool]] = {False: [], True: []}
+    for name, param in module.named_parameters():
+        flags[name.rsplit(".", 1)[-1] == "bias"].append(param.requires_grad)
+    return {is_bias: any(values) if values else None for is_bias, values in flags.items()}
+
+
+def carry_over(old: nn.Module, new: nn.Module) -> None:
+    """Give ``new`` what the user set on ``old``: train/eval mode, frozen weights or biases, and
+    forward/backward hooks.
+
+    The hook dictionaries are shared rather than copied, so a ``RemovableHandle`` the user holds
+    for a hook on ``old`` still removes it from ``new``.
+    """
+    new.train(old.training)
+    flags = _grad_flags(old)
+    for name, param in new.named_parameters():
+        wanted = flags[name.rsplit(".", 1)[-1] == "bias"]
+        if wanted is not None:
+            param.requires_grad_(wanted)
+    for attr in _HOOK_ATTRS:
+        hooks, mine = getattr(old, attr), getattr(new, attr)
+        if mine:
+            mine.update(hooks)
+        else:
+            setattr(new, attr, hooks)
+    new._is_full_backward_hook = old._is_full_backward_hook
+
+
 def swap(model: nn.Module, replacements: dict[int, nn.Module]) -> nn.Module:
     """Replace every occurrence of each module ``id -> new`` in ``model``; return the new root.
 
     A module shared under several names (or parents) is replaced everywhere by the same new
-    module, so sharing survives.
+    module, so sharing survives. Each new module takes over the old one's train/eval mode,
+    frozen parameters and hooks (:func:`carry_over`).
     """
+    olds = {id(m): m for m in model.modules() if id(m) in replacements}
+    for key, old in olds.items():
+        carry_over(old, replacements[key])
     if id(model) in replacements:
         return replacements[id(model)]
     for parent in list(model.modules()):

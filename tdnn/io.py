@@ -1,0 +1,298 @@
+"""Saving and loading compressed models: one safetensors file with the weights and the plan.
+
+A checkpoint is a `safetensors <https://huggingface.co/docs/safetensors>`_ file: the tensors of
+``model.state_dict()`` (a tensor shared under several names is stored once) and, in its string
+metadata, the compression plan, each factorized layer's provenance and the tdnn and format
+versions. Loading needs no pickle, so a checkpoint from elsewhere cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tdnn import walk
+from tdnn.compress import factorized_class
+from tdnn.layers.base import Factorized, dense_kwargs
+from tdnn.plan import PLAN_ATTR, LayerPlan, Plan
+from tdnn.ranks import check_method
+
+FORMAT = "tdnn-checkpoint"
+FORMAT_VERSION = 1
+LAYER_TYPES = (nn.Linear, nn.Conv2d, Factorized)
+
+PathLike = str | os.PathLike
+
+
+def _kind(module: nn.Module) -> str:
+    if isinstance(module, Factorized):
+        return module.dense_type.__name__
+    return "Linear" if isinstance(module, nn.Linear) else "Conv2d"
+
+
+def current_plan(model: nn.Module) -> Plan:
+    """The plan describing ``model`` as it is now.
+
+    Factorized layers are read off the modules themselves (so a hand-built or merged model is
+    described correctly); dense layers keep the reason from ``model.tdnn_plan`` when it has one.
+    """
+    previous = getattr(model, PLAN_ATTR, None)
+    reasons = {e.name: e.reason for e in previous.layers} if isinstance(previous, Plan) else {}
+    layers = []
+    for name, module, _ in walk.named_layers(model, LAYER_TYPES):
+        if isinstance(module, Factorized):
+            layers.append(LayerPlan(name, _kind(module), module.method, module.rank))
+        else:
+            layers.append(LayerPlan(name, _kind(module), reason=reasons.get(name) or "not compressed"))
+    return Plan(layers)
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(value))
+
+
+def _tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict with each shared tensor once, and ``alias -> stored name`` for the rest."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    storages: set[int] = set()
+    for key, value in model.state_dict().items():
+        owner = key.rpartition(".")[0] or "<root>"
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{owner}: state_dict entry {key!r} is a {type(value).__name__}, not a "
+                            f"tensor; only tensors can be saved")
+        if value.is_meta:
+            raise ValueError(f"{owner}: {key!r} is on the meta device; there is nothing to save")
+        ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape),
+                 tuple(value.stride()), value.dtype)
+        if value.numel() and ident in seen:
+            aliases[key] = seen[ident]
+            continue
+        seen[ident] = key
+        ptr = value.untyped_storage().data_ptr()
+        # safetensors refuses overlapping storage; a partial view of another tensor is copied.
+        tensors[key] = value.detach().cpu().contiguous() if ptr not in storages else value.detach().cpu().clone()
+        storages.add(ptr)
+    return tensors, aliases
+
+
+def save(model: nn.Module, path: PathLike) -> None:
+    """Write ``model``'s weights and compression plan to one safetensors file, atomically.
+
+    The file is written next to ``path`` under a temporary name and moved into place with
+    :func:`os.replace`, so a crash mid-write never leaves a half-written file at ``path``: it
+    holds either the old checkpoint or the new one.
+
+    Args:
+        model: a model from :func:`tdnn.compress_model` (or any model; factorized layers are read
+            off the modules themselves).
+        path: where to write; an existing file is replaced.
+
+    Raises:
+        TypeError: if the state dict holds a non-tensor entry (``get_extra_state``).
+        ValueError: if a tensor is on the meta device.
+
+    Example:
+        >>> import os, tempfile, torch, tdnn
+        >>> net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+        >>> small = tdnn.compress_model(net, ranks=0.5).eval()
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     tdnn.save(small, os.path.join(tmp, "small.safetensors"))
+        ...     fresh = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+        ...     loaded = tdnn.load(os.path.join(tmp, "small.safetensors"), fresh).eval()
+        >>> x = torch.randn(3, 64)
+        >>> torch.equal(loaded(x), small(x)), type(loaded[0]).__name__
+        (True, 'SVDLinear')
+    """
+    import tdnn
+
+    plan = current_plan(model)
+    layers = {name: {"class": type(m).__name__, "dense_kwargs": m.dense_kwargs, "rel_error": m.rel_error}
+              for name, m, _ in walk.named_layers(model, LAYER_TYPES) if isinstance(m, Factorized)}
+    tensors, aliases = _tensors(model)
+    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "tdnn_version": tdnn.__version__,
+                "torch_version": torch.__version__, "plan": json.dumps(plan.to_dict()),
+                "layers": json.dumps(layers), "aliases": json.dumps(aliases)}
+    path = os.fspath(path)
+    directory, base = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{base}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def read_header(path: PathLike) -> dict[str, Any]:
+    """The metadata of a tdnn checkpoint: versions, ``plan`` (a :class:`tdnn.Plan`) and ``layers``.
+
+    Raises:
+        ValueError: if ``path`` is not a tdnn checkpoint or was written by a newer format.
+    """
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise ValueError(f"{path}: not a tdnn checkpoint (cannot read it as safetensors: {err})") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a tdnn checkpoint (safetensors metadata has no "
+                         f"format={FORMAT!r}); write it with tdnn.save")
+    version = int(meta["format_version"])
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{path}: checkpoint format version {version} (tdnn {meta['tdnn_version']}) is "
+                         f"newer than this tdnn reads ({FORMAT_VERSION}); upgrade tdnn")
+    return {"format_version": version, "tdnn_version": meta["tdnn_version"],
+            "torch_version": meta.get("torch_version"), "plan": Plan.from_dict(json.loads(meta["plan"])),
+            "layers": json.loads(meta["layers"]), "aliases": json.loads(meta["aliases"])}
+
+
+def _replacement(entry: LayerPlan, module: nn.Module | None, saved: Mapping[str, Any]) -> Factorized | None:
+    """The uninitialised factorized module ``entry`` asks for in place of ``module``."""
+    name = entry.name or "<root>"
+    if module is None:
+        raise ValueError(f"{name}: the plan has a {entry.kind} layer here that the model does not have")
+    if isinstance(module, Factorized):
+        if (entry.method, entry.rank) == (module.method, module.rank):
+            return None  # already built as planned, e.g. loading into the compressed model itself
+        raise ValueError(f"{name}: already factorized as {type(module).__name__} at rank {module.rank}, "
+                         f"the plan has {entry.method!r} at rank {entry.rank}; give the dense model")
+    if _kind(module) != entry.kind:
+        raise ValueError(f"{name}: the plan has a {entry.kind} layer here, the model a {type(module).__name__}")
+    if not entry.factorized:
+        return None
+    info = saved.get(entry.name)
+    if info is not None and _jsonable(dense_kwargs(module)) != info["dense_kwargs"]:
+        raise ValueError(f"{name}: the model's layer {module} does not match the saved layer "
+                         f"{entry.kind}({info['dense_kwargs']})")
+    cls = factorized_class(module, check_method(entry.method, f"{name}: method"))
+    if cls.method != entry.method:
+        raise ValueError(f"{name}: the plan uses method {entry.method!r}, which does not apply to {module}")
+    new = cls.structure(module, entry.rank, name=name)
+    if info is not None:
+        new.rel_error = info.get("rel_error")
+    return new
+
+
+def _check_state(model: nn.Module, replacements: Mapping[int, nn.Module],
+                 state: Mapping[str, torch.Tensor]) -> None:
+    """Check ``state`` against ``model`` as it will be once ``replacements`` are swapped in."""
+    moved = {name: replacements[id(m)] for name, m in model.named_modules(remove_duplicate=False)
+             if id(m) in replacements}
+    expected = {key: value for key, value in model.state_dict(keep_vars=True).items()
+                if not any(name == "" or key.startswith(name + ".") for name in moved)}
+    for name, new in moved.items():
+        expected.update(new.state_dict(prefix=f"{name}." if name else "", keep_vars=True))
+    for key, value in expected.items():
+        owner = key.rpartition(".")[0] or "<root>"
+        if key not in state:
+            raise ValueError(f"{owner}: the checkpoint has no {key!r}; is the model the same architecture?")
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise ValueError(f"{owner}: {key!r} has shape {tuple(value.shape)} in the model but "
+                             f"{tuple(state[key].shape)} in the checkpoint")
+    for key in state:
+        if key not in expected:
+            raise ValueError(f"{key.rpartition('.')[0] or '<root>'}: the checkpoint has {key!r}, which the "
+                             f"model does not")
+
+
+def _apply(model: nn.Module, plan: Plan | Mapping[str, Any], saved: Mapping[str, Any],
+           state: Mapping[str, torch.Tensor] | None) -> nn.Module:
+    if isinstance(plan, Mapping):
+        plan = Plan.from_dict(plan)
+    if not isinstance(plan, Plan):
+        raise TypeError(f"plan must be a tdnn.Plan or its to_dict(), got {type(plan).__name__}")
+    layers = {name: module for name, module, _ in walk.named_layers(model, LAYER_TYPES)}
+    replacements = {}
+    for entry in plan.layers:  # check everything before touching the model
+        module = layers.get(entry.name)
+        new = _replacement(entry, module, saved)
+        if new is not None:
+            replacements[id(module)] = new
+    if state is not None:
+        _check_state(model, replacements, state)
+    model = walk.swap(model, replacements)
+    setattr(model, PLAN_ATTR, plan)
+    return model
+
+
+def apply_plan(model: nn.Module, plan: Plan | Mapping[str, Any]) -> nn.Module:
+    """Rebuild the factorized structure of ``plan`` in a dense ``model``, without decomposing.
+
+    The new layers are uninitialised: load a state dict of the compressed model next. The model is
+    changed in place (its dense weights would be overwritten anyway); the return value is the
+    root, which is a new module only when the plan factorizes the root itself. Train/eval mode,
+    frozen parameters and hooks of the replaced layers carry over. Nothing is changed when the
+    plan does not match.
+
+    Args:
+        model: a freshly built dense model of the architecture that was compressed.
+        plan: ``compressed.tdnn_plan`` or its ``to_dict()`` (e.g. read back from JSON).
+
+    Returns:
+        ``model`` with the factorized structure and ``plan`` as its ``tdnn_plan``.
+
+    Raises:
+        ValueError: naming the first layer of the plan that the model lacks, has with another
+            type, or cannot take at the planned rank or method.
+        TypeError: if ``plan`` is neither a :class:`tdnn.Plan` nor a mapping.
+
+    Example:
+        >>> import torch, tdnn
+        >>> def build():
+        ...     return torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3), torch.nn.Flatten(), torch.nn.Linear(64, 4))
+        >>> small = tdnn.compress_model(build(), ranks=0.5)
+        >>> state, plan = small.state_dict(), small.tdnn_plan.to_dict()
+        >>> again = tdnn.apply_plan(build(), plan)
+        >>> again.load_state_dict(state)
+        <All keys matched successfully>
+        >>> x = torch.randn(1, 8, 4, 4)
+        >>> torch.equal(again(x), small(x))
+        True
+    """
+    return _apply(model, plan, {}, None)
+
+
+def load(path: PathLike, model: nn.Module, *, assign: bool = False) -> nn.Module:
+    """Load a checkpoint written by :func:`save` into a freshly built dense ``model``.
+
+    The factorized structure is rebuilt from the saved plan (no decomposition), then the weights
+    are loaded with ``strict=True``; outputs are bit-identical to the saved model's. Every check
+    runs before the model is touched.
+
+    Args:
+        path: a file written by :func:`save`.
+        model: a dense model of the same architecture, e.g. built by the same constructor.
+        assign: passed to :meth:`torch.nn.Module.load_state_dict`; with a model built on the meta
+            device, ``assign=True`` loads without ever allocating the dense weights.
+
+    Returns:
+        The compressed model (``model`` itself unless its root was factorized), with its plan in
+        ``tdnn_plan`` and each factorized layer's saved ``rel_error``.
+
+    Raises:
+        ValueError: if ``path`` is not a tdnn checkpoint, or naming the first layer where the plan
+            or the weights do not match ``model``.
+    """
+    header = read_header(path)
+    state = load_file(os.fspath(path), device="cpu")
+    for alias, stored in header["aliases"].items():
+        state[alias] = state[stored]
+    model = _apply(model, header["plan"], header["layers"], state)
+    model.load_state_dict(state, strict=True, assign=assign)
+    return model

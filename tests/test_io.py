@@ -1,0 +1,297 @@
+"""Save / load / apply_plan: bit-identical round trips, atomic writes, clear mismatch errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import safetensors.torch
+import torch
+import torchvision
+from torch import nn
+
+import tdnn
+from test_compress import TinyTransformer
+
+
+def resnet18():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10).eval()
+
+
+def transformer():
+    torch.manual_seed(0)
+    return TinyTransformer().eval()
+
+
+def small_net():
+    return nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.Flatten(),
+                         nn.Linear(16 * 4 * 4, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+
+
+def outputs_equal(a, b):
+    a, b = (a,) if torch.is_tensor(a) else a, (b,) if torch.is_tensor(b) else b
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# Every method on resnet18: CP in layer1, SVD k×k convs in layer2, Tucker-2 elsewhere, SVD 1×1 and fc.
+RESNET_RANKS = {"conv1": None, "fc": 4, "re:layer1\\..*": tdnn.LayerSpec(16, method="cp"),
+                "re:layer2\\..*": tdnn.LayerSpec(16, method="svd"), "re:.*": 16}
+CASES = {
+    "resnet18": (resnet18, lambda: torch.randn(2, 3, 32, 32), {"ranks": RESNET_RANKS}),
+    "transformer": (transformer, lambda: torch.randint(0, 100, (3, 12)), {"ranks": 0.5}),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def compressed(request):
+    build, inputs, kwargs = CASES[request.param]
+    torch.manual_seed(1)
+    return build, inputs(), tdnn.compress_model(build(), **kwargs).eval()
+
+
+def test_save_load_is_bit_identical(compressed, tmp_path):
+    build, x, small = compressed
+    path = tmp_path / "model.safetensors"
+    tdnn.save(small, path)
+    fresh = build()  # new random dense weights, same architecture
+    loaded = tdnn.load(path, fresh).eval()
+    assert outputs_equal(loaded(x), small(x))
+    assert [(n, type(m)) for n, m in loaded.named_modules()] == [(n, type(m)) for n, m in small.named_modules()]
+    assert loaded.tdnn_plan.to_dict() == small.tdnn_plan.to_dict()
+    for (name, a), (_, b) in zip(loaded.named_modules(), small.named_modules()):
+        if isinstance(a, tdnn.Factorized):
+            assert (a.rank, a.rel_error, a.dense_kwargs) == (b.rank, b.rel_error, b.dense_kwargs), name
+    header = tdnn.io.read_header(path)
+    assert header["tdnn_version"] == tdnn.__version__ and header["format_version"] == tdnn.io.FORMAT_VERSION
+
+
+def test_state_dict_and_apply_plan_round_trip(compressed):
+    build, x, small = compressed
+    plan = json.loads(json.dumps(small.tdnn_plan.to_dict()))  # as a user would store it
+    rebuilt = tdnn.apply_plan(build(), plan)
+    rebuilt.load_state_dict(small.state_dict(), strict=True)
+    assert outputs_equal(rebuilt.eval()(x), small(x))
+    assert isinstance(rebuilt.tdnn_plan, tdnn.Plan)
+
+
+def test_torch_save_whole_module(compressed, tmp_path):
+    _, x, small = compressed
+    torch.save(small, tmp_path / "whole.pt")
+    again = torch.load(tmp_path / "whole.pt", weights_only=False)
+    assert outputs_equal(again(x), small(x))
+    assert again.tdnn_plan == small.tdnn_plan
+
+
+def test_checkpoint_is_one_file_without_pickle(tmp_path):
+    small = tdnn.compress_model(small_net(), ranks=0.5)
+    tdnn.save(small, tmp_path / "m.safetensors")
+    assert os.listdir(tmp_path) == ["m.safetensors"]
+    tensors = safetensors.torch.load_file(tmp_path / "m.safetensors")
+    assert set(tensors) == set(small.state_dict())
+    plan = tdnn.io.read_header(tmp_path / "m.safetensors")["plan"]
+    assert [(e.name, e.method, e.rank) for e in plan.layers] == [
+        ("0", "tucker2", small[0].rank), ("2", "tucker2", small[2].rank), ("4", "svd", small[4].rank),
+        ("6", "svd", small[6].rank)]
+
+
+def test_shared_and_tied_weights_survive(tmp_path):
+    def build():
+        torch.manual_seed(0)
+        shared = nn.Linear(32, 32)
+        net = nn.Sequential(nn.Embedding(10, 32), shared, nn.ReLU(), shared, nn.Linear(32, 10, bias=False))
+        net[4].weight = net[0].weight  # tied embedding / output projection, left dense
+        return net
+
+    small = tdnn.compress_model(build(), ranks={"1": 8})
+    tdnn.save(small, tmp_path / "m.safetensors")
+    stored = safetensors.torch.load_file(tmp_path / "m.safetensors")
+    assert "3.first.weight" not in stored and "4.weight" not in stored  # stored once
+    loaded = tdnn.load(tmp_path / "m.safetensors", build())
+    assert loaded[1] is loaded[3] and isinstance(loaded[1], tdnn.SVDLinear)
+    assert loaded[4].weight is loaded[0].weight
+    tokens = torch.randint(0, 10, (4, 5))
+    assert torch.equal(loaded(tokens), small(tokens))
+
+
+def test_root_layer_and_already_compressed_target(tmp_path):
+    small = tdnn.compress_model(nn.Linear(64, 48), ranks=6)
+    tdnn.save(small, tmp_path / "root.safetensors")
+    loaded = tdnn.load(tmp_path / "root.safetensors", nn.Linear(64, 48))
+    x = torch.randn(3, 64)
+    assert isinstance(loaded, tdnn.SVDLinear) and torch.equal(loaded(x), small(x))
+    # loading into a model that already has the planned structure (e.g. to resume) works too
+    other = tdnn.compress_model(nn.Linear(64, 48), ranks=6)
+    assert torch.equal(tdnn.load(tmp_path / "root.safetensors", other)(x), small(x))
+
+
+def test_load_on_meta_device_with_assign(tmp_path):
+    small = tdnn.compress_model(small_net(), ranks=0.5)
+    tdnn.save(small, tmp_path / "m.safetensors")
+    with torch.device("meta"):
+        skeleton = small_net()
+    loaded = tdnn.load(tmp_path / "m.safetensors", skeleton, assign=True)
+    assert not any(p.is_meta for p in loaded.parameters())
+    x = torch.randn(2, 8, 6, 6)
+    assert torch.equal(loaded(x), small(x))
+
+
+def test_train_mode_frozen_and_half_precision_round_trip(tmp_path):
+    net = small_net().train().to(torch.bfloat16)
+    net[0].requires_grad_(False)
+    small = tdnn.compress_model(net, ranks=0.5)
+    tdnn.save(small, tmp_path / "m.safetensors")
+    fresh = small_net().train().to(torch.bfloat16)
+    fresh[0].requires_grad_(False)
+    loaded = tdnn.load(tmp_path / "m.safetensors", fresh)
+    assert loaded.training and all(m.training for m in loaded.modules())
+    assert [p.requires_grad for p in loaded[0].parameters()] == [False] * 4  # 3 factors + bias
+    assert all(p.dtype == torch.bfloat16 for p in loaded.parameters())
+    x = torch.randn(2, 8, 6, 6, dtype=torch.bfloat16)
+    assert torch.equal(loaded(x), small(x))
+
+
+# -- atomic writes -----------------------------------------------------------------------------
+
+def test_failed_write_leaves_old_file_and_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "m.safetensors"
+    tdnn.save(tdnn.compress_model(small_net(), ranks=0.5), path)
+    before = path.read_bytes()
+
+    real_save = safetensors.torch.save_file
+
+    def crash_half_way(tensors, filename, metadata=None):  # the real writer, interrupted
+        real_save(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as f:
+            f.truncate(os.path.getsize(filename) // 2)
+        raise KeyboardInterrupt("simulated crash during write")
+
+    monkeypatch.setattr(tdnn.io, "save_file", crash_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        tdnn.save(tdnn.compress_model(small_net(), ranks=0.25), path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["m.safetensors"]
+
+
+def test_killed_writer_never_leaves_a_partial_checkpoint(tmp_path):
+    """SIGKILL a process that keeps saving a ~12 MB model: the file at ``path`` always loads."""
+    path = tmp_path / "big.safetensors"
+    script = textwrap.dedent(f"""
+        import sys, torch, tdnn
+        factor = [tdnn.SVDLinear.structure(torch.nn.Linear(1024, 1024), 256) for _ in range(4)]
+        small = torch.nn.Sequential(*factor, torch.nn.Linear(1024, 1024))  # weights are irrelevant here
+        tdnn.save(small, {str(path)!r})
+        print("ready", flush=True)
+        while True:
+            tdnn.save(small, {str(path)!r})
+    """)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env)
+    try:
+        assert proc.stdout.readline().strip() == b"ready"
+        time.sleep(0.7)  # several saves are under way by now
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stored = safetensors.torch.load_file(path)  # raises on a truncated or corrupt file
+    assert len(stored) == 4 * 3 + 2
+    header = tdnn.io.read_header(path)
+    assert len(header["plan"].factorized()) == 4
+
+
+# -- mismatches --------------------------------------------------------------------------------
+
+@pytest.fixture
+def saved_small(tmp_path):
+    path = tmp_path / "m.safetensors"
+    tdnn.save(tdnn.compress_model(small_net(), ranks=0.5), path)
+    return path
+
+
+def test_wrong_layer_type_names_the_layer(saved_small):
+    wrong = small_net()
+    wrong[2] = nn.Linear(16, 16)
+    params = [p.clone() for p in wrong.parameters()]
+    with pytest.raises(ValueError, match=r"^2: the plan has a Conv2d layer here, the model a Linear$"):
+        tdnn.load(saved_small, wrong)
+    assert type(wrong[0]) is nn.Conv2d  # nothing was changed
+    assert all(torch.equal(a, b) for a, b in zip(params, wrong.parameters()))
+
+
+def test_missing_layer_names_the_layer(saved_small):
+    with pytest.raises(ValueError, match=r"^4: the plan has a Linear layer here that the model does not have"):
+        tdnn.load(saved_small, small_net()[:4])
+
+
+def test_wrong_shape_names_the_first_mismatching_layer(saved_small):
+    wrong = small_net()
+    wrong[4] = nn.Linear(16 * 4 * 4, 40)
+    wrong[6] = nn.Linear(40, 5)
+    with pytest.raises(ValueError, match=r"^4: the model's layer Linear\(in_features=256, out_features=40.*"
+                                         r"does not match the saved layer Linear"):
+        tdnn.load(saved_small, wrong)
+
+
+def test_extra_layer_in_model_is_named(saved_small):
+    bigger = nn.Sequential(*small_net(), nn.Linear(4, 4))
+    with pytest.raises(ValueError, match=r"^7: the checkpoint has no '7.weight'"):
+        tdnn.load(saved_small, bigger)
+
+
+def test_apply_plan_mismatches():
+    plan = tdnn.compress_model(small_net(), ranks=0.5).tdnn_plan
+    other = nn.Sequential(nn.Conv2d(8, 16, 1), nn.ReLU(), nn.Conv2d(16, 16, 3))
+    with pytest.raises(ValueError, match=r"^0: the plan uses method 'tucker2', which does not apply to Conv2d"):
+        tdnn.apply_plan(other, plan)
+    narrow = small_net()
+    narrow[2] = nn.Conv2d(16, 2, 3)
+    with pytest.raises(ValueError, match=r"^2: rank=\(\d+, \d+\) exceeds the full rank \(2, 16\)"):
+        tdnn.apply_plan(narrow, plan)
+    with pytest.raises(ValueError, match=r"^0: method: unknown method 'tuker'"):
+        tdnn.apply_plan(small_net(), {"layers": [{"name": "0", "kind": "Conv2d", "method": "tuker", "rank": 2}]})
+    with pytest.raises(TypeError, match=r"plan must be a tdnn.Plan or its to_dict\(\), got list"):
+        tdnn.apply_plan(small_net(), [])
+
+
+def test_not_a_tdnn_checkpoint(tmp_path):
+    safetensors.torch.save_file({"w": torch.zeros(2)}, tmp_path / "plain.safetensors")
+    with pytest.raises(ValueError, match=r"plain.safetensors: not a tdnn checkpoint .*write it with tdnn.save"):
+        tdnn.load(tmp_path / "plain.safetensors", small_net())
+    torch.save(small_net().state_dict(), tmp_path / "pickle.pt")
+    with pytest.raises(ValueError, match=r"pickle.pt: not a tdnn checkpoint \(cannot read it as safetensors"):
+        tdnn.load(tmp_path / "pickle.pt", small_net())
+    with pytest.raises(FileNotFoundError):
+        tdnn.load(tmp_path / "missing.safetensors", small_net())
+
+
+def test_newer_format_is_refused(tmp_path):
+    path = tmp_path / "m.safetensors"
+    tdnn.save(tdnn.compress_model(small_net(), ranks=0.5), path)
+    tensors = safetensors.torch.load_file(path)
+    header = tdnn.io.read_header(path)
+    meta = {"format": tdnn.io.FORMAT, "format_version": "99", "tdnn_version": "9.0",
+            "plan": json.dumps(header["plan"].to_dict()), "layers": "{}", "aliases": "{}"}
+    safetensors.torch.save_file(tensors, path, metadata=meta)
+    with pytest.raises(ValueError, match=r"format version 99 \(tdnn 9.0\) is newer than this tdnn reads \(1\)"):
+        tdnn.load(path, small_net())
+
+
+def test_save_refuses_meta_and_non_tensor_state(tmp_path):
+    with torch.device("meta"):
+        meta = small_net()
+    with pytest.raises(ValueError, match=r"^0: '0.weight' is on the meta device"):
+        tdnn.save(meta, tmp_path / "m.safetensors")
+
+    class WithExtra(nn.Linear):
+        def get_extra_state(self):
+            return {"step": 3}
+
+    with pytest.raises(TypeError, match=r"^0: state_dict entry '0._extra_state' is a dict, not a tensor"):
+        tdnn.save(nn.Sequential(WithExtra(4, 4)), tmp_path / "m.safetensors")
+    assert os.listdir(tmp_path) == []

@@ -1,0 +1,217 @@
+"""finetune: labels, distillation, exact resume (in process and after SIGKILL), torchrun DDP."""
+
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+import tdnn
+from tdnn.finetune import distillation_loss, global_batch_sizes
+
+WORKER = Path(__file__).with_name("finetune_worker.py")
+_spec = importlib.util.spec_from_file_location("finetune_worker", WORKER)
+worker = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(worker)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float32) / 16.0
+    y = torch.tensor(y)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    train, test = perm[:1300], perm[1300:]
+    return x[train], y[train], x[test], y[test]
+
+
+def mlp(dropout=False):
+    extra = [nn.BatchNorm1d(128), nn.Dropout(0.2)] if dropout else []
+    return nn.Sequential(nn.Linear(64, 128), *extra, nn.ReLU(), nn.Linear(128, 10))
+
+
+@pytest.fixture(scope="module")
+def teacher(digits):
+    """A dense MLP trained from labels with finetune itself."""
+    x, y, _, _ = digits
+    torch.manual_seed(0)
+    model = mlp()
+    data = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)
+    tdnn.finetune(model, data, epochs=8, lr=0.1, progress=False)
+    return model.eval()
+
+
+def accuracy(model, x, y):
+    with torch.no_grad():
+        return (model.eval()(x).argmax(1) == y).float().mean().item()
+
+
+def kl_to(teacher, student, x):
+    with torch.no_grad():
+        return distillation_loss(student.eval()(x), teacher.eval()(x), temperature=1.0).item()
+
+
+def test_labels_train_a_classifier(teacher, digits):
+    _, _, xt, yt = digits
+    assert accuracy(teacher, xt, yt) > 0.93
+
+
+def test_distillation_lowers_kl_on_held_out_inputs(teacher, digits):
+    x, _, xt, yt = digits
+    student = tdnn.compress_model(teacher, ranks={"0": 6, "2": None})  # rank 6 of 64
+    before, acc_before = kl_to(teacher, student, xt), accuracy(student, xt, yt)
+    unlabelled = DataLoader(TensorDataset(x), batch_size=64, shuffle=True)  # inputs only
+    frozen = [t.clone() for t in teacher.state_dict().values()]
+    result = tdnn.finetune(student, unlabelled, teacher=teacher, epochs=6, lr=0.05, progress=False)
+    after, acc_after = kl_to(teacher, student, xt), accuracy(student, xt, yt)
+    print(f"KL to teacher on held-out digits: {before:.4f} -> {after:.4f}; "
+          f"top-1 {acc_before:.3f} -> {acc_after:.3f}")
+    assert result.steps == 6 * 21
+    assert after < 0.25 * before
+    assert acc_after > acc_before
+    assert all(torch.equal(a, b) for a, b in zip(frozen, teacher.state_dict().values()))
+
+
+def test_mixed_loss_and_eval_callback(teacher, digits):
+    x, y, xt, yt = digits
+    student = tdnn.compress_model(teacher, ranks=0.3)
+    before = accuracy(student, xt, yt)
+    seen_modes = []
+
+    def evaluate(model):
+        seen_modes.append(model.training)
+        return {"top1": accuracy(model, xt, yt)}
+
+    data = DataLoader(TensorDataset(x, y), batch_size=100)
+    result = tdnn.finetune(student, data, teacher=teacher, alpha=0.3, epochs=2, lr=0.05,
+                           eval_fn=evaluate, progress=False)
+    assert result.epochs == 2 and len(result.evals) == 2 and seen_modes == [False, False]
+    assert result.evals[-1]["top1"] > before + 0.05
+    assert student.training is False  # finetune restores the mode it found
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashingDigits(Dataset):
+    """Raises when the ``crash_after``-th sample is fetched, like a job dying mid-epoch."""
+
+    def __init__(self, x, y, crash_after=None):
+        self.x, self.y, self.crash_after, self.fetched = x, y, crash_after, 0
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        self.fetched += 1
+        if self.crash_after is not None and self.fetched >= self.crash_after:
+            raise Crash
+        return self.x[i], self.y[i]
+
+
+def run_resumable(digits, tmp_path, crash_after=None, max_steps=None):
+    x, y, _, _ = digits
+    torch.manual_seed(0)
+    teacher = mlp(dropout=True)
+    student = tdnn.compress_model(teacher, ranks=0.3)
+    data = DataLoader(CrashingDigits(x, y, crash_after), batch_size=64, shuffle=True)
+    result = tdnn.finetune(student, data, teacher=teacher, epochs=3, max_steps=max_steps, lr=0.05,
+                           checkpoint_dir=tmp_path, checkpoint_every=5, progress=False)
+    return student, result
+
+
+def test_crashed_and_resumed_run_equals_uninterrupted_run(digits, tmp_path):
+    full, full_result = run_resumable(digits, tmp_path / "full")
+    # 21 steps per epoch; crash in step 30 (epoch 2), after the checkpoint at step 25.
+    with pytest.raises(Crash):
+        run_resumable(digits, tmp_path / "cut", crash_after=29 * 64 + 10)
+    resumed, resumed_result = run_resumable(digits, tmp_path / "cut")
+    assert resumed_result.resumed_from == 25
+    assert resumed_result.steps == full_result.steps == 63
+    assert resumed_result.losses == full_result.losses
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    # A finished run restarted with the same arguments is a no-op that keeps the weights.
+    again, again_result = run_resumable(digits, tmp_path / "cut")
+    assert again_result.resumed_from == 63 and len(again_result.losses) == 63
+    assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), again.state_dict().values()))
+
+
+def test_resume_with_other_settings_is_refused(digits, tmp_path):
+    run_resumable(digits, tmp_path, max_steps=7)
+    with pytest.raises(ValueError, match=r"different settings \(max_steps: 7 -> 8\)"):
+        run_resumable(digits, tmp_path, max_steps=8)
+
+
+def worker_weights(path):
+    return torch.load(path, weights_only=True)
+
+
+def test_sigkilled_process_resumes_to_the_same_weights(tmp_path):
+    full = worker.train(dropout=True)  # uninterrupted, in this process (also on one thread)
+    run = [sys.executable, str(WORKER)]
+    ckpt = tmp_path / "ckpt"
+    killed = subprocess.run([*run, str(tmp_path / "cut.pt"), "--dropout", "--checkpoint-dir", str(ckpt),
+                             "--kill-after", str(33 * 64 + 5)], env=ENV, timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    assert (ckpt / "last.pt").exists() and not (tmp_path / "cut.pt").exists()
+    assert torch.load(ckpt / "last.pt", weights_only=True)["step"] == 30
+    subprocess.run([*run, str(tmp_path / "cut.pt"), "--dropout", "--checkpoint-dir", str(ckpt)],
+                   check=True, env=ENV, timeout=120)
+    resumed = worker_weights(tmp_path / "cut.pt")
+    assert full.keys() == resumed.keys()
+    for name in full:
+        assert torch.equal(full[name], resumed[name]), name
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_ddp_matches_single_process(tmp_path):
+    single = worker.train()
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+                    "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(WORKER),
+                    str(tmp_path / "ddp.pt")], check=True, env=ENV, timeout=180)
+    ddp = worker_weights(tmp_path / "ddp.pt")
+    diff = max((single[k] - ddp[k]).abs().max().item() for k in single)
+    print(f"DDP (2 processes, gloo) vs single process: max abs weight difference {diff:.3g}")
+    for name in single:
+        torch.testing.assert_close(ddp[name], single[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_global_batches_are_shared_out_evenly():
+    # 1300 samples, global batch 64: 20 full batches and one of 20 (kept: 20 >= 2 processes).
+    assert global_batch_sizes(1300, 64, drop_last=False, world=2) == [64] * 20 + [20]
+    assert global_batch_sizes(1300, 64, drop_last=True, world=2) == [64] * 20
+    assert global_batch_sizes(129, 64, drop_last=False, world=2) == [64, 64]  # 1 sample for 2
+
+
+def test_bad_input_is_refused(teacher, digits):
+    x, y, _, _ = digits
+    student = tdnn.compress_model(teacher, ranks=0.3)
+    with pytest.raises(ValueError, match="a batch has no labels"):
+        tdnn.finetune(student, [x[:8]], progress=False)
+    with pytest.raises(ValueError, match="needs a teacher"):
+        tdnn.finetune(student, [(x[:8], y[:8])], alpha=0.5, progress=False)
+    with pytest.raises(TypeError, match="re-iterable"):
+        tdnn.finetune(student, iter([(x[:8], y[:8])]), progress=False)
+    with pytest.raises(ValueError, match="epochs=0 must be a positive int"):
+        tdnn.finetune(student, [(x[:8], y[:8])], epochs=0, progress=False)
+    with pytest.raises(ValueError, match="optimizer='adam'"):
+        tdnn.finetune(student, [(x[:8], y[:8])], optimizer="adam", progress=False)
+    with pytest.raises(ValueError, match="divisible by the 3 processes"):
+        from tdnn.finetune import _Data
+        _Data(DataLoader(TensorDataset(x, y), batch_size=64), world=3, rank=0, seed=0)

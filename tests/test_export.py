@@ -1,0 +1,118 @@
+"""Compressed models through every deployment path, compared numerically with eager PyTorch.
+
+Factorized layers are chains of stock ``nn.Conv2d`` / ``nn.Linear``, so each path sees only
+standard ops; these tests prove it for each conv method, with stride, reflect padding,
+``padding='same'`` with dilation, 1×1 convs and Linear layers in one model.
+"""
+
+import warnings
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+from torch import nn
+
+import tdnn
+
+METHODS = ["svd", "tucker2", "cp"]
+ATOL = 1e-5  # float32 eager vs a different kernel schedule of the same ops
+
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1, padding_mode="reflect"), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding="same", dilation=2), nn.ReLU(),
+        nn.Conv2d(32, 32, 1), nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10),
+    ).eval()
+
+
+@pytest.fixture(scope="module", params=METHODS)
+def compressed(request):
+    small = tdnn.compress_model(build(), ranks=0.5, method=request.param).eval()
+    kinds = {type(m).__name__ for m in small}
+    assert {"SVDConv2d", "SVDLinear"} <= kinds and not kinds & {"Conv2d", "Linear"}
+    return small
+
+
+def inputs(batch=2):
+    return torch.randn(batch, 3, 8, 8, generator=torch.Generator().manual_seed(batch))
+
+
+def test_torch_export_with_dynamic_batch(compressed, tmp_path):
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(compressed, (inputs(),), dynamic_shapes={"input": {0: batch}})
+    torch.export.save(program, tmp_path / "m.pt2")
+    reloaded = torch.export.load(tmp_path / "m.pt2").module()
+    for n in (2, 5):
+        x = inputs(n)
+        torch.testing.assert_close(reloaded(x), compressed(x), rtol=0, atol=ATOL)
+    # one aten conv per factor (padding='same' exports as the aten.conv2d.padding overload)
+    convs = [n for n in program.graph.nodes if str(n.target).startswith("aten.conv2d.")]
+    assert len(convs) == sum(len(m) for m in compressed if isinstance(m, tdnn.Factorized) and
+                             isinstance(m[0], nn.Conv2d))
+
+
+def test_jit_trace_and_script_file(compressed, tmp_path):
+    traced = torch.jit.trace(compressed, inputs())
+    torch.jit.save(traced, tmp_path / "m.ts")
+    reloaded = torch.jit.load(tmp_path / "m.ts")
+    x = inputs(3)
+    torch.testing.assert_close(reloaded(x), compressed(x), rtol=0, atol=ATOL)
+
+
+def test_onnx_export_runs_in_onnxruntime(compressed, tmp_path):
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # onnxscript's deprecation chatter
+        torch.onnx.export(compressed, (inputs(),), path, dynamo=True, input_names=["x"],
+                          dynamic_shapes={"input": {0: "batch"}}, verbose=False)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for n in (2, 7):
+        x = inputs(n)
+        (out,) = session.run(None, {"x": x.numpy()})
+        np.testing.assert_allclose(out, compressed(x).detach().numpy(), rtol=0, atol=ATOL)
+
+
+def test_torch_compile_inductor_fullgraph():
+    # One model with every method: compiling is the slow part, so do it once.
+    ranks = {"0": tdnn.LayerSpec(0.5, "tucker2"), "2": tdnn.LayerSpec(0.5, "cp"),
+             "4": tdnn.LayerSpec(0.5, "svd"), "re:.*": 0.5}
+    small = tdnn.compress_model(build(), ranks=ranks).eval()
+    assert [type(small[i]).__name__ for i in (0, 2, 4, 6, 8)] == [
+        "Tucker2Conv2d", "CPConv2d", "SVDConv2d", "SVDConv2d", "SVDLinear"]
+    torch._dynamo.reset()
+    compiled = torch.compile(small, backend="inductor", fullgraph=True)  # fullgraph: no graph breaks
+    x = inputs(4)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), small(x), rtol=0, atol=ATOL)
+
+
+def test_quantize_dynamic_makes_svd_linear_factors_int8():
+    small = tdnn.compress_model(build(), ranks=0.5).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated in favour of torchao
+        quantized = torch.ao.quantization.quantize_dynamic(small, {nn.Linear}, dtype=torch.qint8)
+    dyn = torch.ao.nn.quantized.dynamic.Linear
+    assert isinstance(quantized[8], tdnn.SVDLinear)
+    assert isinstance(quantized[8].first, dyn) and isinstance(quantized[8].last, dyn)
+    assert quantized[8].first.weight().dtype == torch.qint8
+    assert isinstance(small[8].first, nn.Linear)  # quantize_dynamic copies by default
+    x = inputs(8)
+    with torch.no_grad():
+        ref, out = small(x), quantized(x)
+    rel = float((out - ref).norm() / ref.norm())
+    assert 0 < rel < 0.05  # int8 changes the numbers, but only a little
+
+
+def test_loaded_checkpoint_exports_like_the_original(tmp_path):
+    small = tdnn.compress_model(build(), ranks=0.5, method="cp").eval()
+    tdnn.save(small, tmp_path / "m.safetensors")
+    loaded = tdnn.load(tmp_path / "m.safetensors", build()).eval()
+    x = inputs()
+    program = torch.export.export(loaded, (x,))
+    assert torch.equal(program.module()(x), small(x))
+    assert torch.equal(tdnn.merge(loaded)(x), tdnn.merge(small)(x))

@@ -8,18 +8,19 @@ Example:
     True
 """
 
+from tdnn.budget import Budget
 from tdnn.compress import compress_model
 from tdnn.io import apply_plan, load, save
 from tdnn.layers import CPConv2d, Factorized, SVDConv2d, SVDLinear, Tucker2Conv2d
 from tdnn.merge import merge
 from tdnn.plan import LayerPlan, Plan
-from tdnn.ranks import LayerSpec
+from tdnn.ranks import VBMF, Energy, LayerSpec
 from tdnn.report import LayerRecord, Report, report
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "compress_model", "report", "Report", "LayerRecord", "Plan", "LayerPlan", "LayerSpec",
+    "compress_model", "Budget", "Energy", "VBMF", "report", "Report", "LayerRecord", "Plan", "LayerPlan", "LayerSpec",
     "save", "load", "apply_plan", "merge",
     "Factorized", "SVDLinear", "SVDConv2d", "Tucker2Conv2d", "CPConv2d",
 ]

@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm.auto import tqdm
 
-from tdnn import walk
+from tdnn import calibrate, walk
+from tdnn.batches import call
+from tdnn.budget import Budget, Candidate, allocate, dense_cost
+from tdnn.calibrate import Whitening
 from tdnn.layers import CPConv2d, Factorized, SVDConv2d, SVDLinear, Tucker2Conv2d
 from tdnn.plan import PLAN_ATTR, LayerPlan, Plan
-from tdnn.ranks import NO_ENTRY, RankRule, check_method, dense_param_count, param_count, rank_for_ratio
+from tdnn.ranks import (NO_ENTRY, VBMF, Energy, RankRule, check_method, dense_param_count, param_count,
+                        rank_for_ratio, rank_from_spectra)
 
 # Methods for k×k convolutions; a new method is one more entry here.
 CONV_METHODS: dict[str, type[Factorized]] = {"svd": SVDConv2d, "tucker2": Tucker2Conv2d, "cp": CPConv2d}
@@ -54,44 +61,112 @@ def _why_not(name: str, module: nn.Module, parent: nn.Module | None) -> str | No
     return None
 
 
-def _plan_layer(name: str, module: nn.Module, parent: nn.Module | None, rule: RankRule,
-                method: str, filter_fn: FilterFn | None) -> LayerPlan:
-    entry = LayerPlan(name=name, kind="Linear" if isinstance(module, nn.Linear) else "Conv2d")
+@dataclass
+class _Layer:
+    """A layer on its way through compress_model."""
+
+    name: str
+    module: nn.Module
+    entry: LayerPlan
+    cls: type[Factorized] | None = None
+    rank_spec: Any = None  # None under a budget
+    whitening: Whitening | None = None
+
+
+def _select(name: str, module: nn.Module, parent: nn.Module | None, rule: RankRule | None,
+            method: str, filter_fn: FilterFn | None) -> _Layer:
+    """Decide whether and how a layer is factorized, before any rank is known."""
+    layer = _Layer(name, module, LayerPlan(name=name, kind="Linear" if isinstance(module, nn.Linear) else "Conv2d"))
     reason = _why_not(name, module, parent)
     if reason is None and filter_fn is not None and not filter_fn(module, name):
         reason = "excluded by filter_fn"
-    spec = rule(name, module) if reason is None else None
-    if reason is None and spec is NO_ENTRY:
-        reason = "no entry in ranks matches this layer"
-    elif reason is None and spec.rank is None:
-        reason = "rank None: kept dense"
+    if reason is None and rule is not None:
+        spec = rule(name, module)
+        if spec is NO_ENTRY:
+            reason = "no entry in ranks matches this layer"
+        elif spec.rank is None:
+            reason = "rank None: kept dense"
+        elif isinstance(spec.rank, float) and spec.rank == 1.0:
+            reason = "ratio 1.0 keeps every parameter"
+        else:
+            layer.rank_spec, method = spec.rank, spec.method or method
+    if reason is None:
+        layer.cls = factorized_class(module, check_method(method, f"{name}: method"))
+        reason = layer.cls.unsupported(module)
     if reason is not None:
-        entry.reason = reason
-        return entry
-
-    cls = factorized_class(module, check_method(spec.method or method, f"{name}: method"))
-    reason = cls.unsupported(module)
-    if reason is None and isinstance(spec.rank, float) and spec.rank == 1.0:
-        reason = "ratio 1.0 keeps every parameter"
-    if reason is not None:
-        entry.reason = reason
-        return entry
-
-    rank = (rank_for_ratio(cls, module, spec.rank) if isinstance(spec.rank, float)
-            else cls.check_rank(module, spec.rank, name))
-    factor_params, dense_params = param_count(cls, module, rank), dense_param_count(module)
-    if factor_params >= dense_params:
-        entry.reason = (f"{cls.method} at rank {rank} would have {factor_params} parameters, "
-                        f"not fewer than the dense {dense_params}")
-        return entry
+        layer.entry.reason, layer.cls = reason, None
+        return layer
+    if layer.rank_spec is not None and not isinstance(layer.rank_spec, (float, Energy, VBMF)):
+        layer.cls.check_rank(module, layer.rank_spec, name)
     if not torch.isfinite(module.weight.detach()).all():
         raise ValueError(f"{name}: weight {tuple(module.weight.shape)} has NaN or Inf values")
-    entry.method, entry.rank = cls.method, rank
-    return entry
+    return layer
 
 
-def compress_model(model: nn.Module, ranks: Any, *, method: str = "auto",
-                   filter_fn: FilterFn | None = None, inplace: bool = False) -> nn.Module:
+def _stat_mode(layer: _Layer) -> str:
+    if isinstance(layer.module, nn.Linear):
+        return "features"
+    return "patches" if layer.cls.flat else "channels"
+
+
+def _rank(layer: _Layer) -> Any:
+    """The concrete rank from the layer's own spec."""
+    cls, module, spec, name = layer.cls, layer.module, layer.rank_spec, layer.name
+    if isinstance(spec, float):
+        return rank_for_ratio(cls, module, spec)
+    if isinstance(spec, (Energy, VBMF)):
+        # Energy follows the whitened spectrum (output energy); VBMF models the weight's own noise.
+        whitening = layer.whitening if isinstance(spec, Energy) else None
+        return rank_from_spectra(cls, module, spec, cls.spectra(module, whitening, name=name), name)
+    return cls.check_rank(module, spec, name)
+
+
+def _accept(layer: _Layer, rank: Any) -> None:
+    """Record ``rank`` in the plan, or keep the layer dense if that would not save parameters."""
+    factor_params, dense_params = param_count(layer.cls, layer.module, rank), dense_param_count(layer.module)
+    if factor_params >= dense_params:
+        layer.entry.reason = (f"{layer.cls.method} at rank {rank} would have {factor_params} "
+                              f"parameters, not fewer than the dense {dense_params}")
+        layer.cls = None
+    else:
+        layer.entry.method, layer.entry.rank = layer.cls.method, rank
+        layer.entry.data_aware = layer.whitening is not None
+
+
+def _whiten(model: nn.Module, layers: list[_Layer], batches: list[Any], damping: float,
+            progress: bool) -> dict[str, calibrate.InputStats]:
+    stats = calibrate.collect(model, batches, {l.name: (l.module, _stat_mode(l)) for l in layers},
+                              progress=progress)
+    for l in layers:
+        l.whitening = Whitening(stats[l.name].cov, stats[l.name].out_scale, damping=damping)
+    return stats
+
+
+def _allocate(model: nn.Module, layers: list[_Layer], budget: Budget,
+              stats: dict[str, calibrate.InputStats], batches: list[Any] | None) -> None:
+    if budget.kind == "flops" and batches is None:
+        raise ValueError("Budget(flops=...) needs calibration data: FLOPs depend on the input size")
+    candidates = [Candidate(l.name, l.module, l.cls, l.cls.spectra(l.module, l.whitening, name=l.name),
+                            stats[l.name].input_shape if stats else None) for l in layers]
+    if budget.kind == "params":
+        total = sum(p.numel() for p in model.parameters())
+    else:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            call(model, batches[0])
+        total = counter.get_total_flops()
+    fixed = total - sum(dense_cost(budget.kind, c.layer, c.input_shape) for c in candidates)
+    for l, rank in zip(layers, allocate(candidates, budget, total=total, fixed=fixed).values()):
+        if rank is None:
+            l.entry.reason, l.cls = "the budget keeps this layer dense", None
+        else:
+            _accept(l, rank)
+
+
+def compress_model(model: nn.Module, ranks: Any = None, *, method: str = "auto",
+                   filter_fn: FilterFn | None = None, inplace: bool = False,
+                   calibration: Iterable[Any] | None = None, sequential: bool = False,
+                   budget: Budget | None = None, damping: float = 0.01,
+                   progress: bool = False) -> nn.Module:
     """Replace the ``nn.Linear`` and ``nn.Conv2d`` layers of ``model`` by low-rank factorized ones.
 
     Every layer is planned first (so bad input fails before any work), then decomposed in
@@ -100,25 +175,39 @@ def compress_model(model: nn.Module, ranks: Any, *, method: str = "auto",
     grouped conv), when ``filter_fn`` or ``ranks`` excludes them, and for modules that must not be
     swapped (``nn.MultiheadAttention.out_proj``, subclasses overriding ``forward``).
 
+    With ``calibration`` data the factors are data-aware: each layer's weight is whitened by its
+    input covariance (and scaled by a BatchNorm that reads its output) before truncation, which
+    minimises the layer's output error on that data instead of its weight error.
+
     Args:
         model: any module; layers are found at any nesting depth.
         ranks: a rank spec for every layer (``int``; a pair ``(r_out, r_in)`` for Tucker-2; a
-            ``float`` ratio in ``(0, 1]`` of each layer's parameters to keep), a mapping from layer
-            name or ``"re:<pattern>"`` to a spec (``None`` keeps a layer dense; a
-            :class:`tdnn.LayerSpec` or ``{"rank": ..., "method": ...}`` picks a method), or a
-            callable ``(name, module) -> spec``. Layers a mapping does not cover stay dense.
+            ``float`` ratio in ``(0, 1]`` of each layer's parameters to keep; :class:`tdnn.Energy`;
+            :class:`tdnn.VBMF`), a mapping from layer name or ``"re:<pattern>"`` to a spec
+            (``None`` keeps a layer dense; a :class:`tdnn.LayerSpec` or
+            ``{"rank": ..., "method": ...}`` picks a method), or a callable
+            ``(name, module) -> spec``. Layers a mapping does not cover stay dense.
         method: ``"auto"`` (SVD for Linear and 1×1 convs, Tucker-2 for k×k convs), ``"svd"``,
             ``"tucker2"`` or ``"cp"``. Linear and 1×1 layers always use SVD.
         filter_fn: ``(module, name) -> bool``; layers for which it returns ``False`` stay dense.
         inplace: modify ``model`` itself instead of a deep copy.
+        calibration: an iterable of model inputs (tensors, tuples of arguments or dicts of
+            keyword arguments) for data-aware factors; a few hundred samples are plenty.
+        sequential: calibrate each layer on the outputs of the already-compressed layers before
+            it (one pass over the calibration data per layer), so errors do not compound.
+        budget: a :class:`tdnn.Budget` for the whole model instead of ``ranks``: ranks are
+            allocated across layers to meet it while minimising the estimated output error.
+        damping: relative damping of the input covariance (keeps whitening stable and the
+            factors close to the weights in directions the calibration data never visits).
+        progress: show progress bars.
 
     Returns:
         The compressed model (a copy unless ``inplace``), with its :class:`tdnn.Plan` in the
         attribute ``tdnn_plan``.
 
     Raises:
-        ValueError: for a bad rank or method (naming the layer), non-finite weights, or a model
-            without Linear/Conv2d layers.
+        ValueError: for a bad rank, method or budget (naming the layer), non-finite weights, or
+            a model without Linear/Conv2d layers.
         TypeError: for a rank of the wrong type.
 
     Example:
@@ -128,30 +217,48 @@ def compress_model(model: nn.Module, ranks: Any, *, method: str = "auto",
         >>> small = tdnn.compress_model(net, ranks=0.5)
         >>> [type(m).__name__ for m in small]
         ['Tucker2Conv2d', 'ReLU', 'Flatten', 'SVDLinear']
-        >>> small(torch.randn(2, 3, 8, 8)).shape
-        torch.Size([2, 10])
+        >>> calibrated = tdnn.compress_model(net, ranks=0.5, calibration=[torch.randn(16, 3, 8, 8)])
+        >>> calibrated.tdnn_plan["3"].data_aware
+        True
     """
     check_method(method)
-    rule = RankRule(ranks)
-    layers = list(walk.named_layers(model))
-    if not layers:
+    if (ranks is None) == (budget is None):
+        raise ValueError("give exactly one of ranks= or budget= (choose layers for a budget with "
+                         "filter_fn and the method with method=)")
+    if budget is not None and not isinstance(budget, Budget):
+        raise TypeError(f"budget must be a tdnn.Budget, got {type(budget).__name__}")
+    rule = None if ranks is None else RankRule(ranks)
+    found = list(walk.named_layers(model))
+    if not found:
         raise ValueError(f"{type(model).__name__} has no nn.Linear or nn.Conv2d layers to compress")
-    plan = Plan([_plan_layer(name, module, parent, rule, method, filter_fn)
-                 for name, module, parent in layers])
-    for key in rule.unused_keys():
-        warnings.warn(f"ranks: pattern '{key}' matches no layer of {type(model).__name__}", stacklevel=2)
+    layers = [_select(name, module, parent, rule, method, filter_fn) for name, module, parent in found]
+    if rule is not None:
+        for key in rule.unused_keys():
+            warnings.warn(f"ranks: pattern '{key}' matches no layer of {type(model).__name__}", stacklevel=2)
 
     if not inplace:
         # Copy only now: planning never mutates, and a copy keeps the same module order.
         memo: dict[int, Any] = {}
         model = copy.deepcopy(model, memo)
-        layers = [(name, memo[id(module)], None) for name, module, _ in layers]
-    replacements = {}
-    for (name, module, _), entry in zip(layers, plan.layers):
-        if entry.factorized:
-            cls = factorized_class(module, entry.method)
-            replacements[id(module)] = cls.from_dense(module, entry.rank, name=name)
-    model = walk.swap(model, replacements)
+        for l in layers:
+            l.module = memo[id(l.module)]
+    chosen = [l for l in layers if l.cls is not None]
+    batches = None if calibration is None else list(calibration)
+    stats = _whiten(model, chosen, batches, damping, progress) if batches is not None and chosen else {}
+    if budget is not None:
+        _allocate(model, chosen, budget, stats, batches)
+    else:
+        for l in chosen:
+            _accept(l, _rank(l))
+    chosen = [l for l in chosen if l.cls is not None]
+
+    for l in tqdm(chosen, desc="decomposing", disable=not progress, leave=False):
+        if sequential and batches is not None:
+            _whiten(model, [l], batches, damping, progress=False)
+        new = l.cls.from_dense(l.module, l.entry.rank, name=l.name, whitening=l.whitening)
+        model = walk.swap(model, {id(l.module): new})
+
+    plan = Plan([l.entry for l in layers])
     previous = getattr(model, PLAN_ATTR, None)
     if isinstance(previous, Plan):  # compressing twice: keep what earlier calls factorized
         plan.layers = previous.factorized() + plan.layers

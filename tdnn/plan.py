@@ -18,6 +18,7 @@ class LayerPlan:
         method: ``"svd"``, ``"tucker2"`` or ``"cp"`` when factorized, ``None`` when left dense.
         rank: the concrete rank when factorized.
         reason: why the layer was left dense.
+        data_aware: whether the factors were fitted to calibration data.
     """
 
     name: str
@@ -25,6 +26,7 @@ class LayerPlan:
     method: str | None = None
     rank: Any = None
     reason: str | None = None
+    data_aware: bool = False
 
     @property
     def factorized(self) -> bool:

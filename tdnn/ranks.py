@@ -5,6 +5,10 @@ A *spec* for one layer is one of
 * an ``int`` — the rank itself (for Tucker-2, both channel ranks);
 * a pair ``(r_out, r_in)`` — Tucker-2 channel ranks;
 * a ``float`` in ``(0, 1]`` — the fraction of the layer's parameters to keep;
+* :class:`Energy` (or ``"energy:0.9"``) — the smallest rank keeping that fraction of the spectral
+  energy (of the whitened weight when calibration data is given);
+* :class:`VBMF` (or ``"vbmf"``) — the rank estimated by empirical variational Bayes matrix
+  factorisation of the weight (Kim et al. 2016: per channel mode for Tucker-2);
 * ``None`` — leave the layer dense;
 * a :class:`LayerSpec` (or a dict ``{"rank": ..., "method": ...}``) — a rank with its own method.
 
@@ -20,13 +24,39 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Union
 
+import torch
 from torch import nn
 
 from tdnn.layers.base import Factorized
+from tdnn.vbmf import evbmf_rank
 
 METHODS = ("auto", "svd", "tucker2", "cp")
 
-RankValue = Union[int, float, tuple[int, int], None]
+
+
+@dataclass(frozen=True)
+class Energy:
+    """Keep the smallest rank whose singular values hold ``fraction`` of the spectral energy.
+
+    Example:
+        >>> import tdnn
+        >>> tdnn.Energy(0.9)
+        Energy(fraction=0.9)
+    """
+
+    fraction: float
+
+    def __post_init__(self) -> None:
+        if not (0.0 < self.fraction <= 1.0):
+            raise ValueError(f"Energy: fraction={self.fraction} must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class VBMF:
+    """Estimate the rank by EVBMF of the weight (both channel modes for Tucker-2)."""
+
+
+RankValue = Union[int, float, tuple[int, int], Energy, VBMF, None]
 
 
 @dataclass(frozen=True)
@@ -34,7 +64,8 @@ class LayerSpec:
     """A rank for one layer and, optionally, the method to use for it.
 
     Args:
-        rank: an int, a pair ``(r_out, r_in)``, a float ratio in ``(0, 1]`` or ``None`` (dense).
+        rank: an int, a pair ``(r_out, r_in)``, a float ratio in ``(0, 1]``, an :class:`Energy` or
+            :class:`VBMF` rule (or ``"energy:0.9"`` / ``"vbmf"``), or ``None`` (dense).
         method: ``"svd"``, ``"tucker2"``, ``"cp"``, ``"auto"`` or ``None`` for the global method.
 
     Example:
@@ -61,8 +92,10 @@ def check_method(method: Any, where: str = "method") -> str:
 
 def check_rank_value(rank: Any, where: str) -> RankValue:
     """Validate one rank value (not yet against a layer)."""
-    if rank is None:
-        return None
+    if rank is None or isinstance(rank, (Energy, VBMF)):
+        return rank
+    if isinstance(rank, str):
+        return _parse_rule(rank, where)
     if isinstance(rank, bool):
         raise TypeError(f"{where}: rank must be an int, a float ratio or a pair of ints, got {rank!r}")
     if isinstance(rank, int):
@@ -80,6 +113,40 @@ def check_rank_value(rank: Any, where: str) -> RankValue:
         return tuple(rank)
     raise TypeError(f"{where}: rank must be an int, a float ratio in (0, 1], a pair of ints or None, "
                     f"got {rank!r}")
+
+
+def _parse_rule(text: str, where: str) -> Energy | VBMF:
+    """``"vbmf"`` or ``"energy:<fraction>"`` (the forms a YAML config can hold)."""
+    if text.strip().lower() == "vbmf":
+        return VBMF()
+    kind, _, value = text.partition(":")
+    if kind.strip().lower() == "energy":
+        try:
+            return Energy(float(value))
+        except ValueError as err:
+            raise ValueError(f"{where}: {text!r}: {err}") from None
+    raise ValueError(f"{where}: unknown rank rule {text!r}; use 'vbmf' or 'energy:<fraction>'")
+
+
+def rank_from_spectra(cls: type[Factorized], layer: nn.Module, rule: Energy | VBMF,
+                      spectra: list[torch.Tensor], name: str) -> Any:
+    """The rank an :class:`Energy` or :class:`VBMF` rule gives ``layer`` from its spectra.
+
+    ``spectra`` are :meth:`Factorized.spectra` of the layer (whitened for energy when calibrated,
+    raw for VBMF). One rank per spectrum: an int for SVD, ``(r_out, r_in)`` for Tucker-2.
+    """
+    if cls.method == "cp":
+        raise ValueError(f"{name}: energy and VBMF ranks are defined for svd and tucker2, not cp; "
+                         "give a cp layer an int or a ratio")
+    ranks = []
+    one_group = cls.targets(layer, name=name)[0][0]
+    for s, matrix in zip(spectra, cls.unfoldings(one_group)):
+        if isinstance(rule, Energy):
+            share = s.square().cumsum(0) / s.square().sum().clamp_min(1e-300)
+            ranks.append(min(int((share < rule.fraction - 1e-12).sum()) + 1, s.numel()))
+        else:
+            ranks.append(evbmf_rank(s.numpy(), tuple(matrix.shape)))
+    return ranks[0] if len(ranks) == 1 else tuple(ranks)
 
 
 def as_spec(value: Any, where: str) -> LayerSpec:

@@ -8,6 +8,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from tdnn import decompose
+from tdnn.calibrate import Whitening
+
 Rank = Any  # int for SVD and CP, (r_out, r_in) for Tucker-2
 RANK_HINT = "; give this layer its own entry in a ranks mapping (None keeps it dense) or use a ratio"
 
@@ -26,6 +29,10 @@ def dense_kwargs(layer: nn.Module) -> dict[str, Any]:
     raise TypeError(f"expected nn.Linear or nn.Conv2d, got {type(layer).__name__}")
 
 
+def groups_of(layer: nn.Module) -> int:
+    return getattr(layer, "groups", 1)
+
+
 def grouped(weight: torch.Tensor, groups: int) -> torch.Tensor:
     """View a conv kernel ``(S, C/G, kh, kw)`` as ``(G, S/G, C/G, kh, kw)``."""
     return weight.reshape(groups, weight.shape[0] // groups, *weight.shape[1:])
@@ -42,6 +49,9 @@ class Factorized(nn.Sequential):
 
     method: ClassVar[str]
     dense_type: ClassVar[type[nn.Module]]
+    # True: decompose the kernel unfolded to (S, C·kh·kw) and calibrate on input patches;
+    # False: decompose the 4-D kernel and calibrate on input channels.
+    flat: ClassVar[bool] = True
 
     def __init__(self, children: OrderedDict[str, nn.Module], *, dense_kwargs: dict[str, Any],
                  rank: Rank) -> None:
@@ -57,9 +67,21 @@ class Factorized(nn.Sequential):
         """The uninitialised children for ``layer`` at ``rank``."""
         raise NotImplementedError
 
-    def _decompose(self, weight: torch.Tensor) -> None:
-        """Fill the children's weights from ``weight`` (float64 math, cast on copy)."""
+    def _decompose(self, parts: list[tuple[torch.Tensor, Whitening | None]]) -> None:
+        """Fill the children's weights from per-group ``(whitened float64 weight, whitening)``."""
         raise NotImplementedError
+
+    @staticmethod
+    def unfoldings(weight: torch.Tensor) -> list[torch.Tensor]:
+        """The matrices whose spectra set this method's rank(s), one per rank dimension."""
+        return [weight.flatten(1)]
+
+    @classmethod
+    def estimate_error(cls, spectra: list[torch.Tensor], rank: Rank) -> float:
+        """Estimated relative squared error at ``rank`` from :meth:`spectra` (discarded energy)."""
+        (s,) = spectra
+        energy = s.square()
+        return float(energy[rank:].sum() / energy.sum().clamp_min(1e-300))
 
     def dense_weight(self) -> torch.Tensor:
         """The weight of the equivalent dense layer, computed from the factors."""
@@ -117,25 +139,55 @@ class Factorized(nn.Sequential):
         return cls(cls._build(layer, rank, factory), dense_kwargs=dense_kwargs(layer), rank=rank)
 
     @classmethod
-    def from_dense(cls, layer: nn.Module, rank: Rank, *, name: str = "layer") -> Factorized:
+    def targets(cls, layer: nn.Module, whitening: Whitening | None = None,
+                *, name: str = "layer") -> list[tuple[torch.Tensor, Whitening | None]]:
+        """Per group, the float64 (whitened) weight to decompose and the group's whitening."""
+        weight = layer.weight.detach()
+        if weight.is_meta:
+            raise ValueError(f"{name}: weight is on the meta device; nothing to decompose")
+        if not torch.isfinite(weight).all():
+            raise ValueError(f"{name}: weight {tuple(weight.shape)} has NaN or Inf values")
+        weight = weight.to(dtype=torch.float64, device="cpu")
+        g = groups_of(layer)
+        parts = []
+        for i, w in enumerate(grouped(weight, g) if weight.dim() == 4 else [weight]):
+            w = w.flatten(1) if cls.flat else w
+            wh = None if whitening is None else whitening.group(i, g)
+            parts.append((w if wh is None else wh.whiten(w), wh))
+        return parts
+
+    @classmethod
+    def spectra(cls, layer: nn.Module, whitening: Whitening | None = None,
+                *, name: str = "layer") -> list[torch.Tensor]:
+        """Singular values of each of :meth:`unfoldings` of the (whitened) weight.
+
+        For a grouped layer the groups' squared spectra are averaged: one rank serves every group.
+        """
+        per_group = [[decompose.singular_values(m) for m in cls.unfoldings(w)]
+                     for w, _ in cls.targets(layer, whitening, name=name)]
+        return [torch.stack([g[i] for g in per_group]).square().mean(0).sqrt()
+                for i in range(len(per_group[0]))]
+
+    @classmethod
+    def from_dense(cls, layer: nn.Module, rank: Rank, *, name: str = "layer",
+                   whitening: Whitening | None = None) -> Factorized:
         """Factorize ``layer`` at ``rank``; the factors come from a float64 decomposition.
 
         Args:
             layer: the dense ``nn.Linear`` or ``nn.Conv2d``.
             rank: the rank (see the subclass for its form).
             name: the layer's name, used in error messages.
+            whitening: input statistics (and output scale) from calibration data; the factors
+                then minimise the layer's output error on that data instead of its weight error.
 
         Raises:
             ValueError: for a bad rank, an unsupported layer or non-finite weights.
         """
         module = cls.structure(layer, rank, name=name)
+        parts = cls.targets(layer, whitening, name=name)
         weight = layer.weight.detach()
-        if weight.is_meta:
-            raise ValueError(f"{name}: weight is on the meta device; nothing to decompose")
-        if not torch.isfinite(weight).all():
-            raise ValueError(f"{name}: weight {tuple(weight.shape)} has NaN or Inf values")
         with torch.no_grad():
-            module._decompose(weight)
+            module._decompose(parts)
             if layer.bias is not None:
                 module.last.bias.copy_(layer.bias)
             approx = module.dense_weight().double()

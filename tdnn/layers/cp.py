@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from tdnn import decompose
+from tdnn.calibrate import Whitening
 from tdnn.layers.base import Factorized, copy_into
+from tdnn.layers.tucker2 import Tucker2Conv2d
 
 
 def _axis(value: Any, axis: int, neutral: int) -> Any:
@@ -42,6 +44,7 @@ class CPConv2d(Factorized):
 
     method = "cp"
     dense_type = nn.Conv2d
+    flat = False
 
     @classmethod
     def max_rank(cls, layer: nn.Conv2d) -> int:
@@ -70,8 +73,19 @@ class CPConv2d(Factorized):
             last=nn.Conv2d(rank, layer.out_channels, 1, bias=layer.bias is not None, **factory),
         )
 
-    def _decompose(self, weight: torch.Tensor) -> None:
+    unfoldings = staticmethod(Tucker2Conv2d.unfoldings)
+
+    @classmethod
+    def estimate_error(cls, spectra: list[torch.Tensor], rank: int) -> float:
+        # CP at rank R is a Tucker-2 at (R, R) with a diagonal core, so the Tucker bound at that
+        # rank is an optimistic estimate: it ranks CP layers by how compressible they are.
+        return Tucker2Conv2d.estimate_error(spectra, (rank, rank))
+
+    def _decompose(self, parts: list[tuple[torch.Tensor, Whitening | None]]) -> None:
+        ((weight, whitening),) = parts
         out, inp, vertical, horizontal = decompose.cp(weight, self.rank)
+        if whitening is not None:
+            out, inp = whitening.out_factor(out), whitening.in_factor(inp)
         copy_into(self.first.weight, inp.T)
         copy_into(self.vertical.weight, vertical.T)
         copy_into(self.horizontal.weight, horizontal.T)

@@ -9,7 +9,21 @@ import torch
 from torch import nn
 
 from tdnn import decompose
+from tdnn.calibrate import Whitening
 from tdnn.layers.base import Factorized, copy_into, grouped
+
+
+def _svd_factors(parts: list[tuple[torch.Tensor, Whitening | None]], rank: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group truncated SVD of the (whitened) matrix, mapped back; groups stacked."""
+    lefts, rights = [], []
+    for weight, whitening in parts:
+        left, right = decompose.svd(weight, rank)
+        if whitening is not None:
+            left, right = whitening.out_factor(left), whitening.in_factor(right.T).T
+        lefts.append(left)
+        rights.append(right)
+    return torch.cat(lefts), torch.cat(rights)
 
 
 class SVDLinear(Factorized):
@@ -42,8 +56,8 @@ class SVDLinear(Factorized):
             last=nn.Linear(rank, layer.out_features, bias=layer.bias is not None, **factory),
         )
 
-    def _decompose(self, weight: torch.Tensor) -> None:
-        left, right = decompose.svd(weight, self.rank)
+    def _decompose(self, parts: list[tuple[torch.Tensor, Whitening | None]]) -> None:
+        left, right = _svd_factors(parts, self.rank)
         copy_into(self.first.weight, right)
         copy_into(self.last.weight, left)
 
@@ -86,11 +100,10 @@ class SVDConv2d(Factorized):
                            bias=layer.bias is not None, **factory),
         )
 
-    def _decompose(self, weight: torch.Tensor) -> None:
-        g = self.dense_kwargs["groups"]
-        pairs = [decompose.svd(w.flatten(1), self.rank) for w in grouped(weight, g)]
-        copy_into(self.first.weight, torch.cat([right for _, right in pairs]))
-        copy_into(self.last.weight, torch.cat([left for left, _ in pairs]))
+    def _decompose(self, parts: list[tuple[torch.Tensor, Whitening | None]]) -> None:
+        left, right = _svd_factors(parts, self.rank)
+        copy_into(self.first.weight, right)
+        copy_into(self.last.weight, left)
 
     def dense_weight(self) -> torch.Tensor:
         g = self.dense_kwargs["groups"]

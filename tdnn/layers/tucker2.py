@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from tdnn import decompose
+from tdnn.calibrate import Whitening
 from tdnn.layers.base import RANK_HINT, Factorized, copy_into, grouped
 
 
@@ -33,6 +34,7 @@ class Tucker2Conv2d(Factorized):
 
     method = "tucker2"
     dense_type = nn.Conv2d
+    flat = False
 
     @classmethod
     def max_rank(cls, layer: nn.Conv2d) -> tuple[int, int]:
@@ -73,11 +75,28 @@ class Tucker2Conv2d(Factorized):
                            bias=layer.bias is not None, **factory),
         )
 
-    def _decompose(self, weight: torch.Tensor) -> None:
-        parts = [decompose.tucker2(w, self.rank) for w in grouped(weight, self.dense_kwargs["groups"])]
-        copy_into(self.first.weight, torch.cat([inp.T for _, _, inp in parts]))
-        copy_into(self.core.weight, torch.cat([core for core, _, _ in parts]))
-        copy_into(self.last.weight, torch.cat([out for _, out, _ in parts]))
+    @staticmethod
+    def unfoldings(weight: torch.Tensor) -> list[torch.Tensor]:
+        return [weight.flatten(1), weight.transpose(0, 1).flatten(1)]
+
+    @classmethod
+    def estimate_error(cls, spectra: list[torch.Tensor], rank: Any) -> float:
+        # HOSVD bound: the squared error is at most the energy each mode's truncation discards.
+        out, inp = (s.square() for s in spectra)
+        return float((out[rank[0]:].sum() + inp[rank[1]:].sum()) / out.sum().clamp_min(1e-300))
+
+    def _decompose(self, parts: list[tuple[torch.Tensor, Whitening | None]]) -> None:
+        cores, outs, ins = [], [], []
+        for weight, whitening in parts:
+            core, out, inp = decompose.tucker2(weight, self.rank)
+            if whitening is not None:
+                out, inp = whitening.out_factor(out), whitening.in_factor(inp)
+            cores.append(core)
+            outs.append(out)
+            ins.append(inp.T)
+        copy_into(self.first.weight, torch.cat(ins))
+        copy_into(self.core.weight, torch.cat(cores))
+        copy_into(self.last.weight, torch.cat(outs))
 
     def dense_weight(self) -> torch.Tensor:
         g = self.dense_kwargs["groups"]

@@ -1,0 +1,189 @@
+"""A global budget: ranks for all layers at once, meeting a total parameter or FLOP target."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from tdnn.layers.base import Factorized, dense_kwargs
+
+LEVELS = 128  # candidate ranks per layer; steps of <1% of a layer keep the total within 1%
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The fraction of the whole model's parameters or FLOPs to keep.
+
+    Ranks are allocated across layers to meet the total while minimising the summed estimated
+    relative output error of the layers (from their whitened spectra when calibration data is
+    given), so compressible layers give up more than sensitive ones. A layer may also stay dense.
+
+    Args:
+        params: fraction of the model's parameters to keep, in ``(0, 1]``.
+        flops: fraction of the model's FLOPs to keep, in ``(0, 1]`` (needs calibration data,
+            which fixes the input size).
+
+    Example:
+        >>> import tdnn
+        >>> tdnn.Budget(params=0.5)
+        Budget(params=0.5, flops=None)
+    """
+
+    params: float | None = None
+    flops: float | None = None
+
+    def __post_init__(self) -> None:
+        given = [(k, v) for k, v in (("params", self.params), ("flops", self.flops)) if v is not None]
+        if len(given) != 1:
+            raise ValueError("Budget: give exactly one of params= or flops=")
+        key, value = given[0]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < value <= 1.0):
+            raise ValueError(f"Budget: {key}={value!r} must be a fraction in (0, 1]")
+
+    @property
+    def kind(self) -> str:
+        return "params" if self.params is not None else "flops"
+
+    @property
+    def fraction(self) -> float:
+        return float(self.params if self.params is not None else self.flops)
+
+
+@dataclass
+class Candidate:
+    """One layer the budget may factorize."""
+
+    name: str
+    layer: nn.Module
+    cls: type[Factorized]
+    spectra: list[torch.Tensor]
+    input_shape: tuple[int, ...] | None = None
+
+
+def module_flops(module: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """FLOPs of one forward of ``module`` on an input of ``input_shape`` (counted on meta tensors)."""
+    with FlopCounterMode(display=False) as counter:
+        module(torch.empty(input_shape, device="meta", dtype=module_dtype(module)))
+    return counter.get_total_flops()
+
+
+def module_dtype(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+def _cost(kind: str, module: nn.Module, input_shape: tuple[int, ...] | None) -> int:
+    if kind == "params":
+        return sum(p.numel() for p in module.parameters())
+    return module_flops(module, input_shape)
+
+
+def dense_cost(kind: str, layer: nn.Module, input_shape: tuple[int, ...] | None) -> int:
+    """Parameters or FLOPs of a dense layer (FLOPs counted on a meta-device twin)."""
+    return _option_cost(kind, None, _signature(layer), None, input_shape)
+
+
+def _signature(layer: nn.Module) -> tuple:
+    kwargs = dense_kwargs(layer)
+    return (type(layer) if type(layer) in (nn.Linear, nn.Conv2d) else
+            (nn.Linear if isinstance(layer, nn.Linear) else nn.Conv2d),
+            layer.weight.dtype, tuple(sorted(kwargs.items())))
+
+
+@lru_cache(maxsize=65536)
+def _option_cost(kind: str, cls: type[Factorized] | None, signature: tuple, rank: Any,
+                 input_shape: tuple[int, ...] | None) -> int:
+    # Cached by layer signature: networks repeat the same layer shapes many times.
+    base, dtype, kwargs = signature
+    meta = base(**dict(kwargs), device="meta", dtype=dtype)
+    module = meta if cls is None else cls.structure(meta, rank, device="meta")
+    return _cost(kind, module, input_shape)
+
+
+def _options(c: Candidate, kind: str) -> list[tuple[int, float, Any]]:
+    """``(cost, estimated error, rank)`` for a subsample of ranks, cheapest first; ``None`` = dense."""
+    levels = c.cls.rank_levels(c.layer)
+    step = max(1, len(levels) // LEVELS)
+    picks = levels[::step] if levels[-1] in levels[::step] else [*levels[::step], levels[-1]]
+    signature = _signature(c.layer)
+    dense = _option_cost(kind, None, signature, None, c.input_shape)
+    options = []
+    for rank in picks:
+        cost = _option_cost(kind, c.cls, signature, rank, c.input_shape)
+        if cost < dense:
+            options.append((cost, c.cls.estimate_error(c.spectra, rank), rank))
+    options.append((dense, 0.0, None))
+    return options
+
+
+def allocate(candidates: list[Candidate], budget: Budget, *, total: int, fixed: int) -> dict[str, Any]:
+    """Choose a rank (or ``None`` for dense) per candidate so that the model's total cost is
+    ``budget.fraction × total`` within 1%, minimising the summed estimated error.
+
+    Greedy by marginal error reduction per unit of cost, first over each layer's lower convex
+    hull of (cost, error) (the Lagrangian solution), then over all options, then spending what
+    is left on upgrades that cost more but err no more, so the total lands on the target.
+
+    Args:
+        candidates: the layers to allocate.
+        budget: the target.
+        total: the dense model's cost (parameters or FLOPs).
+        fixed: the cost of everything that is not a candidate.
+
+    Raises:
+        ValueError: if even the smallest ranks exceed the target.
+    """
+    target = budget.fraction * total - fixed
+    options = [_options(c, budget.kind) for c in candidates]
+    picks = [opts[0] for opts in options]
+    spent = sum(p[0] for p in picks)
+    if spent > target:
+        raise ValueError(f"Budget({budget.kind}={budget.fraction}) is out of reach: the smallest ranks "
+                         f"keep {(spent + fixed) / total:.3f} of the model's {budget.kind}")
+    for pool in ([_lower_hull(opts) for opts in options], options):
+        spent = _greedy(picks, pool, spent, target, strict=True)
+    _greedy(picks, options, spent, target, strict=False)
+    return {c.name: rank for c, (_, _, rank) in zip(candidates, picks)}
+
+
+def _greedy(picks: list[tuple[int, float, Any]], pool: list[list[tuple[int, float, Any]]],
+            spent: float, target: float, *, strict: bool) -> float:
+    """Upgrade ``picks`` in place, best error drop per unit cost first, while the total fits."""
+    while True:
+        best, best_gain = None, -1.0
+        for i, opts in enumerate(pool):
+            cost0, err0, _ = picks[i]
+            for option in opts:
+                cost, err, _ = option
+                if cost <= cost0 or err > err0 or spent + cost - cost0 > target:
+                    continue
+                gain = (err0 - err) / (cost - cost0)
+                if (gain > 0 or not strict) and gain > best_gain:
+                    best, best_gain = (i, option), gain
+        if best is None:
+            return spent
+        i, option = best
+        spent += option[0] - picks[i][0]
+        picks[i] = option
+
+
+def _lower_hull(options: list[tuple[int, float, object]]) -> list[tuple[int, float, object]]:
+    """The options on the lower convex hull of (cost, error), cheapest first."""
+    points = sorted(options, key=lambda o: (o[0], o[1]))
+    hull: list[tuple[int, float, object]] = []
+    for p in points:
+        if hull and p[1] >= hull[-1][1]:
+            continue  # costs more, errs no less
+        while len(hull) >= 2:
+            (c1, e1, _), (c2, e2, _) = hull[-2], hull[-1]
+            # drop the middle point if it lies above the segment hull[-2] -> p
+            if (e2 - e1) * (p[0] - c1) >= (p[1] - e1) * (c2 - c1):
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return hull

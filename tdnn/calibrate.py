@@ -1,0 +1,202 @@
+"""Activation statistics for data-aware initialisation.
+
+Forward hooks stream each target layer's input second moment ``E[x xᵀ]`` in float64 (memory
+O(n²) per layer, whatever the amount of data), where ``x`` is an input feature vector (Linear),
+an input pixel's channel vector (Tucker-2, CP) or an unfolded input patch (SVD of a conv). They
+also find a BatchNorm that directly consumes a layer's output, whose per-channel scale weights
+the output error that matters.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from tdnn.batches import call
+
+
+@dataclass
+class InputStats:
+    """Streaming second moment of a layer's inputs and what was learned about its surroundings.
+
+    Attributes:
+        mode: ``"features"`` (last dim), ``"channels"`` (dim 1, per pixel) or ``"patches"``
+            (unfolded conv patches, ordered like ``weight.flatten(1)``).
+        gram: sum of ``x xᵀ`` (float64, on CPU).
+        count: number of vectors summed.
+        input_shape: shape of the first input seen (for FLOP counting).
+        out_scale: ``|γ| / sqrt(var + eps)`` of a BatchNorm fed by this layer, else ``None``.
+    """
+
+    mode: str
+    gram: torch.Tensor | None = None
+    count: int = 0
+    input_shape: tuple[int, ...] | None = None
+    out_scale: torch.Tensor | None = None
+
+    @property
+    def cov(self) -> torch.Tensor:
+        if self.count == 0:
+            raise ValueError("no calibration data reached this layer")
+        return self.gram / self.count
+
+    def update(self, module: nn.Module, x: torch.Tensor) -> None:
+        if self.input_shape is None:
+            self.input_shape = tuple(x.shape)
+        vectors = _vectors(module, x.detach(), self.mode).to(torch.float64)
+        gram = (vectors.T @ vectors).cpu()
+        self.gram = gram if self.gram is None else self.gram + gram
+        self.count += vectors.shape[0]
+
+
+def _vectors(module: nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor:
+    """The input as rows of the vectors the layer's weight multiplies."""
+    if mode == "features":
+        return x.reshape(-1, x.shape[-1])
+    if mode == "channels":
+        return x.transpose(0, 1).reshape(x.shape[1], -1).T
+    # patches: pad exactly as the conv does, then unfold with its kernel, dilation and stride
+    pad_mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    x = F.pad(x, module._reversed_padding_repeated_twice, mode=pad_mode)
+    cols = F.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+@dataclass
+class _Tracker:
+    """Hooks for one calibration run."""
+
+    stats: dict[str, InputStats]
+    modules: dict[str, nn.Module]
+    outputs: dict[str, Any] = field(default_factory=dict)  # name -> weakref to the latest output
+    handles: list[Any] = field(default_factory=list)
+
+    def attach(self, model: nn.Module) -> None:
+        for name, module in self.modules.items():
+            self.handles.append(module.register_forward_pre_hook(self._pre(name)))
+            self.handles.append(module.register_forward_hook(self._post(name)))
+        for bn in model.modules():
+            if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+                self.handles.append(bn.register_forward_pre_hook(self._bn))
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def _pre(self, name: str):
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            self.stats[name].update(module, args[0])
+        return hook
+
+    def _post(self, name: str):
+        def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+            self.outputs[name] = weakref.ref(output)
+        return hook
+
+    def _bn(self, bn: nn.Module, args: tuple[Any, ...]) -> None:
+        for name, ref in self.outputs.items():
+            if ref() is args[0] and self.stats[name].out_scale is None:
+                scale = (bn.running_var + bn.eps).rsqrt() if bn.running_var is not None else None
+                if scale is not None:
+                    if bn.weight is not None:
+                        scale = scale * bn.weight.detach().abs()
+                    self.stats[name].out_scale = scale.detach().to(torch.float64).cpu()
+
+
+@torch.no_grad()
+def collect(model: nn.Module, batches: Iterable[Any], layers: dict[str, tuple[nn.Module, str]],
+            *, progress: bool = False) -> dict[str, InputStats]:
+    """Run ``model`` over ``batches`` (in eval mode) and return input statistics per layer.
+
+    Args:
+        model: the model to run (its train/eval flags are restored afterwards).
+        batches: iterable of model inputs: tensors, tuples of arguments, or dicts of keyword
+            arguments; a ``(inputs, labels)`` pair from a DataLoader passes both to the model, so
+            give inputs only.
+        layers: ``name -> (module, mode)`` with mode ``"features"``, ``"channels"`` or ``"patches"``.
+        progress: show a tqdm bar.
+
+    Raises:
+        ValueError: if no batch was given or a layer never saw an input.
+    """
+    tracker = _Tracker({name: InputStats(mode) for name, (_, mode) in layers.items()},
+                       {name: module for name, (module, _) in layers.items()})
+    flags = {module: module.training for module in model.modules()}
+    model.eval()
+    tracker.attach(model)
+    n = 0
+    try:
+        for batch in tqdm(batches, desc="calibrating", disable=not progress, leave=False):
+            tracker.outputs.clear()
+            call(model, batch)
+            n += 1
+    finally:
+        tracker.detach()
+        for module, training in flags.items():
+            module.train(training)
+    if n == 0:
+        raise ValueError("calibration: no batches given")
+    for name, stats in tracker.stats.items():
+        if stats.count == 0:
+            raise ValueError(f"{name}: calibration data never reached this layer")
+    return tracker.stats
+
+
+class Whitening:
+    """Maps a weight into the space where plain truncation minimises the output error.
+
+    With ``cov = E[x xᵀ] = R Rᵀ`` (``R`` from an eigendecomposition, eigenvalues floored at
+    ``damping × mean eigenvalue`` so a singular covariance stays invertible) and ``D`` the
+    output scale (a following BatchNorm, else the identity), ``‖D (W − W') X‖ = ‖D W R − D W' R‖``.
+    Decomposing ``D W R`` and mapping the factors back (:meth:`out_factor`, :meth:`in_factor`)
+    therefore minimises the output error plus ``damping`` times the weight error; at full rank
+    the round trip is exact.
+    """
+
+    def __init__(self, cov: torch.Tensor, out_scale: torch.Tensor | None = None, *,
+                 damping: float = 0.01) -> None:
+        cov = (cov + cov.T) / 2
+        evals, vecs = torch.linalg.eigh(cov)
+        mean = float(evals.clamp_min(0).mean())
+        if mean <= torch.finfo(cov.dtype).eps * float(evals.abs().max().clamp_min(1e-300)) or mean == 0.0:
+            evals = torch.ones_like(evals)  # no signal at all: fall back to plain truncation
+        else:
+            evals = evals.clamp_min(damping * mean)
+        self.root = vecs * evals.sqrt()                   # R,   R Rᵀ = cov (damped)
+        self.root_inv = (vecs / evals.sqrt()).T           # R⁻¹
+        if out_scale is not None:  # a dead BN channel (γ = 0) must not divide by zero
+            out_scale = out_scale.clamp_min(max(1e-6 * float(out_scale.max()), torch.finfo(cov.dtype).tiny))
+        self.out_scale = out_scale
+        self._cov, self._damping = cov, damping
+
+    def group(self, g: int, groups: int) -> Whitening:
+        """The whitening of group ``g`` of a grouped layer (diagonal block of the covariance)."""
+        if groups == 1:
+            return self
+        n, s = self._cov.shape[0] // groups, None
+        if self.out_scale is not None:
+            m = self.out_scale.shape[0] // groups
+            s = self.out_scale[g * m:(g + 1) * m]
+        return Whitening(self._cov[g * n:(g + 1) * n, g * n:(g + 1) * n], s, damping=self._damping)
+
+    def whiten(self, weight: torch.Tensor) -> torch.Tensor:
+        """``D W R`` for a weight with output mode 0 and input mode 1 (matrix or conv kernel)."""
+        w = torch.einsum("sc...,cd->sd...", weight, self.root)
+        if self.out_scale is not None:
+            w = w * self.out_scale.reshape(-1, *([1] * (w.dim() - 1)))
+        return w
+
+    def out_factor(self, factor: torch.Tensor) -> torch.Tensor:
+        """Map a whitened output factor ``(S, r)`` back: ``D⁻¹ U``."""
+        return factor if self.out_scale is None else factor / self.out_scale[:, None]
+
+    def in_factor(self, factor: torch.Tensor) -> torch.Tensor:
+        """Map a whitened input factor ``(n, r)`` back: ``R⁻ᵀ V``."""
+        return self.root_inv.T @ factor

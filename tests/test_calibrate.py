@@ -1,0 +1,185 @@
+"""Data-aware initialisation: whitening by input statistics, BatchNorm scaling, sequential mode."""
+
+import pytest
+import torch
+from torch import nn
+
+import tdnn
+from tdnn import calibrate
+
+torch.manual_seed(0)
+
+
+def correlated(n, dim, *, rank=4, noise=0.05, seed=0):
+    """Inputs concentrated near a low-dimensional subspace, with very uneven scales."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(rank, dim, generator=g, dtype=torch.float64) * torch.logspace(1, -1, rank,
+                                                                                      dtype=torch.float64)[:, None]
+    return torch.randn(n, rank, generator=g, dtype=torch.float64) @ basis + noise * torch.randn(
+        n, dim, generator=g, dtype=torch.float64)
+
+
+def correlated_images(n, channels, size=8, seed=0):
+    x = correlated(n * size * size, channels, seed=seed)
+    return x.reshape(n, size, size, channels).permute(0, 3, 1, 2).contiguous()
+
+
+def output_error(small, dense, x):
+    with torch.no_grad():
+        return float((small(x) - dense(x)).norm() / dense(x).norm())
+
+
+@pytest.mark.parametrize("rank", [1, 3, 8, 12])
+def test_svd_linear_data_aware_never_worse_strictly_better_on_correlated(rank):
+    lin = nn.Linear(32, 24, dtype=torch.float64)
+    x = correlated(512, 32)
+    plain = tdnn.compress_model(lin, ranks=rank)
+    aware = tdnn.compress_model(lin, ranks=rank, calibration=[x[:256], x[256:]])
+    assert aware.tdnn_plan.layers[0].data_aware and not plain.tdnn_plan.layers[0].data_aware
+    e_plain, e_aware = output_error(plain, lin, x), output_error(aware, lin, x)
+    assert e_aware <= e_plain + 1e-12
+    if rank <= 3:  # the inputs live in ~4 directions: whitening must find them
+        assert e_aware < 0.5 * e_plain
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_svd_data_aware_never_worse_on_isotropic_inputs(seed):
+    lin = nn.Linear(20, 20, dtype=torch.float64)
+    x = torch.randn(400, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    for rank in (2, 7, 13):
+        plain = tdnn.SVDLinear.from_dense(lin, rank)
+        aware = tdnn.compress_model(lin, ranks=rank, calibration=[x])
+        assert output_error(aware, lin, x) <= output_error(plain, lin, x) + 1e-12
+
+
+@pytest.mark.parametrize("method,rank", [("svd", 4), ("tucker2", (6, 3)), ("cp", 6)])
+def test_conv_data_aware_beats_plain_on_correlated_channels(method, rank):
+    conv = nn.Conv2d(12, 16, 3, padding=1, stride=(2, 1), dtype=torch.float64)
+    x = correlated_images(32, 12)
+    plain = tdnn.compress_model(conv, ranks=rank, method=method)
+    aware = tdnn.compress_model(conv, ranks=rank, method=method, calibration=[x])
+    assert type(aware) is type(plain) and aware.rank == plain.rank
+    assert output_error(aware, conv, x) < 0.7 * output_error(plain, conv, x)
+
+
+def test_svd_conv_patch_whitening_is_never_worse():
+    conv = nn.Conv2d(6, 16, 3, padding=(1, 2), dilation=(1, 2), padding_mode="reflect", dtype=torch.float64)
+    x = correlated_images(16, 6)
+    for rank in (2, 5, 9, 16):
+        plain = tdnn.SVDConv2d.from_dense(conv, rank)
+        aware = tdnn.compress_model(conv, ranks=rank, method="svd", calibration=[x])
+        assert output_error(aware, conv, x) <= output_error(plain, conv, x) + 1e-12
+
+
+def test_patches_match_the_conv():
+    # The unfolded patches must be exactly what the conv multiplies: W·patch == conv output.
+    conv = nn.Conv2d(4, 5, (3, 2), stride=(2, 1), padding=(1, 1), dilation=(1, 2), bias=False,
+                     padding_mode="circular", dtype=torch.float64)
+    x = torch.randn(2, 4, 7, 9, dtype=torch.float64)
+    patches = calibrate._vectors(conv, x, "patches")
+    y = conv(x)
+    torch.testing.assert_close(patches @ conv.weight.flatten(1).T,
+                               y.permute(0, 2, 3, 1).reshape(-1, 5))
+
+
+@pytest.mark.parametrize("cls,rank", [(tdnn.SVDLinear, 10), (tdnn.SVDConv2d, 8), (tdnn.Tucker2Conv2d, (8, 6))])
+def test_whitened_full_rank_is_exact_even_with_singular_covariance(cls, rank):
+    if cls is tdnn.SVDLinear:
+        layer, x = nn.Linear(12, 10, dtype=torch.float64), correlated(64, 12, rank=2, noise=0.0)
+    else:
+        layer = nn.Conv2d(6, 8, 3, padding=1, dtype=torch.float64)
+        x = correlated_images(4, 6)
+        x[:, 2:] = 0  # four dead input channels: a singular covariance
+    mode = "features" if cls is tdnn.SVDLinear else ("patches" if cls.flat else "channels")
+    stats = calibrate.collect(layer, [x], {"layer": (layer, mode)})["layer"]
+    small = cls.from_dense(layer, rank, whitening=calibrate.Whitening(stats.cov))
+    probe = torch.randn_like(x)  # also exact off the calibration data
+    torch.testing.assert_close(small(probe), layer(probe), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["svd", "tucker2", "cp"])
+def test_degenerate_calibration_does_not_crash(method):
+    net = nn.Sequential(nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 5))
+    zeros = torch.zeros(4, 6, 6, 6)
+    small = tdnn.compress_model(net, ranks=0.5, method=method, calibration=[zeros])
+    out = small(torch.randn(3, 6, 6, 6))
+    assert torch.isfinite(out).all()
+    assert all(p.isfinite().all() for p in small.parameters())
+
+
+def test_batchnorm_after_conv_weights_the_error():
+    torch.manual_seed(1)
+    conv = nn.Conv2d(8, 16, 3, padding=1, bias=False, dtype=torch.float64)
+    bn = nn.BatchNorm2d(16, dtype=torch.float64).eval()
+    with torch.no_grad():  # a few channels matter 100x more after BN
+        bn.weight.copy_(torch.where(torch.arange(16) < 3, 100.0, 1.0))
+        bn.running_var.uniform_(0.5, 2.0)
+    net = nn.Sequential(conv, bn)
+    x = torch.randn(16, 8, 8, 8, dtype=torch.float64)
+    stats = calibrate.collect(net, [x], {"0": (net[0], "channels")})
+    expected = (bn.weight / (bn.running_var + bn.eps).sqrt()).double()
+    torch.testing.assert_close(stats["0"].out_scale, expected)
+
+    aware = tdnn.compress_model(net, ranks=(4, 4), calibration=[x])
+    blind = tdnn.compress_model(conv, ranks=(4, 4), calibration=[x])  # no BN in sight
+    after_bn = lambda c: bn(c(x))
+    e_aware = float((after_bn(aware[0]) - net(x)).norm())
+    e_blind = float((after_bn(blind) - net(x)).norm())
+    assert e_aware < 0.8 * e_blind
+
+
+def test_calibration_accepts_tuples_and_dicts():
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x, y=None):
+            return self.a(x) + self.b(x if y is None else y)
+
+    model = Pair()
+    x, y = torch.randn(32, 16), torch.randn(32, 16)
+    for batches in ([(x, y)], [{"x": x, "y": y}]):
+        small = tdnn.compress_model(model, ranks=4, calibration=batches)
+        assert all(e.data_aware for e in small.tdnn_plan.layers)
+    with pytest.raises(ValueError, match="no batches"):
+        tdnn.compress_model(model, ranks=4, calibration=[])
+    with pytest.raises(TypeError, match="a batch must be a tensor"):
+        tdnn.compress_model(model, ranks=4, calibration=[3])
+
+
+def test_layer_not_reached_by_calibration_is_named():
+    class Skips(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.used(x)
+
+    with pytest.raises(ValueError, match="unused: calibration data never reached this layer"):
+        tdnn.compress_model(Skips(), ranks=2, calibration=[torch.randn(4, 8)])
+
+
+def test_calibration_restores_train_mode_and_leaves_input_untouched():
+    net = nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16), nn.Linear(16, 4)).train()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    small = tdnn.compress_model(net, ranks=4, calibration=[torch.randn(8, 16)])
+    assert net.training and all(m.training for m in net.modules())
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())  # BN stats untouched
+    assert small.training
+
+
+def test_sequential_mode_sees_compressed_inputs():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(24, 24), nn.Tanh(), nn.Linear(24, 24), nn.Tanh(), nn.Linear(24, 8)).double()
+    x = correlated(256, 24)
+    parallel = tdnn.compress_model(net, ranks=3, calibration=[x])
+    sequential = tdnn.compress_model(net, ranks=3, calibration=[x], sequential=True)
+    plain = tdnn.compress_model(net, ranks=3)
+    # the first layer sees the same data either way; later ones see compressed activations
+    torch.testing.assert_close(sequential[0].to_dense().weight, parallel[0].to_dense().weight)
+    assert not torch.allclose(sequential[2].to_dense().weight, parallel[2].to_dense().weight)
+    e = {name: output_error(m, net, x) for name, m in
+         [("plain", plain), ("parallel", parallel), ("sequential", sequential)]}
+    assert e["sequential"] < e["plain"] and e["parallel"] < e["plain"]

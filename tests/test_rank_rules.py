@@ -1,0 +1,115 @@
+"""Energy and VBMF rank rules, and the global budget."""
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import tdnn
+from tdnn.budget import _lower_hull
+
+torch.manual_seed(0)
+
+
+def linear_with_spectrum(s, out=30, inp=40):
+    g = torch.Generator().manual_seed(0)
+    u = torch.linalg.qr(torch.randn(out, len(s), generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(inp, len(s), generator=g, dtype=torch.float64))[0]
+    lin = nn.Linear(inp, out, dtype=torch.float64)
+    with torch.no_grad():
+        lin.weight.copy_(u @ torch.diag(torch.tensor(s, dtype=torch.float64)) @ v.T)
+    return lin
+
+
+def test_energy_picks_the_smallest_rank_holding_the_fraction():
+    s = [10.0, 5.0, 3.0, 1.0, 0.5] + [0.01] * 25
+    lin = linear_with_spectrum(s)
+    energy = torch.tensor(s).square().cumsum(0) / torch.tensor(s).square().sum()
+    for fraction in (0.5, 0.8, 0.95, 0.999):
+        expected = int((energy < fraction).sum()) + 1
+        small = tdnn.compress_model(lin, ranks=tdnn.Energy(fraction))
+        assert small.rank == expected, fraction
+    assert tdnn.compress_model(lin, ranks="energy:0.95").rank == tdnn.compress_model(lin, ranks=tdnn.Energy(0.95)).rank
+
+
+def test_energy_on_tucker2_gives_a_rank_per_channel_mode():
+    g = torch.Generator().manual_seed(0)
+    core = torch.randn(3, 5, 3, 3, generator=g, dtype=torch.float64)
+    u = torch.linalg.qr(torch.randn(24, 3, generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(16, 5, generator=g, dtype=torch.float64))[0]
+    conv = nn.Conv2d(16, 24, 3, dtype=torch.float64)
+    with torch.no_grad():
+        conv.weight.copy_(torch.einsum("qphw,sq,cp->schw", core, u, v))
+    small = tdnn.compress_model(conv, ranks=tdnn.Energy(0.999999))
+    assert small.rank == (3, 5) and small.rel_error < 1e-6
+
+
+def test_vbmf_recovers_the_multilinear_rank_under_noise():
+    g = torch.Generator().manual_seed(0)
+    core = torch.randn(6, 4, 3, 3, generator=g, dtype=torch.float64) * 3
+    u = torch.linalg.qr(torch.randn(64, 6, generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(48, 4, generator=g, dtype=torch.float64))[0]
+    conv = nn.Conv2d(48, 64, 3, dtype=torch.float64)
+    with torch.no_grad():
+        conv.weight.copy_(torch.einsum("qphw,sq,cp->schw", core, u, v)
+                          + 0.01 * torch.randn(64, 48, 3, 3, generator=g, dtype=torch.float64))
+    assert tdnn.compress_model(conv, ranks=tdnn.VBMF()).rank == (6, 4)
+    assert tdnn.compress_model(conv, ranks="vbmf", method="svd").rank == 6
+
+
+def test_rules_are_rejected_for_cp():
+    with pytest.raises(ValueError, match=r"0: energy and VBMF ranks are defined for svd and tucker2, not cp"):
+        tdnn.compress_model(nn.Sequential(nn.Conv2d(8, 8, 3)), ranks="vbmf", method="cp")
+
+
+def test_lower_hull_keeps_only_efficient_options():
+    opts = [(10, 0.9, "a"), (20, 0.5, "b"), (30, 0.45, "c"), (40, 0.1, "d"), (50, 0.2, "e"), (60, 0.0, None)]
+    assert [o[2] for o in _lower_hull(opts)] == ["a", "b", "d", None]
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    return torchvision.models.resnet18(num_classes=10).eval()
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.6])
+def test_param_budget_met_within_one_percent(resnet18, fraction):
+    small = tdnn.compress_model(resnet18, budget=tdnn.Budget(params=fraction))
+    ratio = tdnn.report(small).param_ratio
+    assert abs(ratio - fraction) <= 0.01 * fraction
+
+
+def test_budget_is_not_a_uniform_ratio():
+    # Layers with fast-decaying spectra should give up more rank than those with flat spectra.
+    easy = linear_with_spectrum([10.0, 8.0, 6.0] + [1e-3] * 27)
+    hard = linear_with_spectrum([1.0] * 30)
+    net = nn.Sequential(easy, hard)
+    small = tdnn.compress_model(net, budget=tdnn.Budget(params=0.5))
+    ranks = {e.name: e.rank for e in small.tdnn_plan.layers}
+    assert ranks["0"] is not None and ranks["0"] <= 4
+    assert ranks["1"] is None or ranks["1"] > 12
+    assert abs(tdnn.report(small).param_ratio - 0.5) <= 70 / 2460  # within one rank step of this tiny net
+
+
+def test_flop_budget_with_calibration(resnet18):
+    x = torch.randn(4, 3, 32, 32)
+    small = tdnn.compress_model(resnet18, budget=tdnn.Budget(flops=0.4), calibration=[x])
+    rep = tdnn.report(small, inputs=x)
+    assert abs(rep.flop_ratio - 0.4) <= 0.004
+    assert all(e.data_aware for e in small.tdnn_plan.factorized())
+
+
+def test_budget_errors():
+    net = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    with pytest.raises(ValueError, match="needs calibration data"):
+        tdnn.compress_model(net, budget=tdnn.Budget(flops=0.5))
+    with pytest.raises(ValueError, match=r"out of reach: the smallest ranks keep 0.0\d+ of the model's params"):
+        tdnn.compress_model(net, budget=tdnn.Budget(params=0.01))
+    with pytest.raises(ValueError, match="exactly one of params= or flops="):
+        tdnn.Budget(params=0.5, flops=0.5)
+    with pytest.raises(ValueError, match=r"params=1.5 must be a fraction"):
+        tdnn.Budget(params=1.5)
+    with pytest.raises(ValueError, match="give exactly one of ranks= or budget="):
+        tdnn.compress_model(net, ranks=0.5, budget=tdnn.Budget(params=0.5))
+    with pytest.raises(ValueError, match="give exactly one of ranks= or budget="):
+        tdnn.compress_model(net)

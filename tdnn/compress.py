@@ -17,6 +17,7 @@ from tdnn import calibrate, walk
 from tdnn.batches import call
 from tdnn.budget import Budget, Candidate, allocate, dense_cost
 from tdnn.calibrate import Whitening
+from tdnn.latency import LatencyTimer, latency_ratio
 from tdnn.layers import CPConv2d, Factorized, SVDConv2d, SVDLinear, Tucker2Conv2d
 from tdnn.plan import PLAN_ATTR, LayerPlan, Plan
 from tdnn.ranks import (NO_ENTRY, VBMF, Energy, RankRule, check_method, dense_param_count, param_count,
@@ -162,11 +163,33 @@ def _allocate(model: nn.Module, layers: list[_Layer], budget: Budget,
             _accept(l, rank)
 
 
+def _timer(latency_aware: bool | LatencyTimer, batches: list[Any] | None) -> LatencyTimer | None:
+    if latency_aware is False:
+        return None
+    if batches is None:
+        raise ValueError("latency_aware needs calibration data: its first batch sets each layer's input size")
+    return latency_ratio if latency_aware is True else latency_aware
+
+
+def _faster(layer: _Layer, new: Factorized, timer: LatencyTimer, input_shape: tuple[int, ...]) -> bool:
+    """Time ``new`` against the dense layer; keep the dense one (with the reason) unless faster."""
+    weight = layer.module.weight
+    x = torch.randn(input_shape, dtype=weight.dtype, device=weight.device)
+    ratio = float(timer(layer.module, new, x))
+    layer.entry.latency_ratio = ratio
+    if ratio < 1.0:
+        return True
+    layer.entry.reason = f"latency-aware: the factorized form took {ratio:.2f}x the dense latency"
+    layer.entry.method = layer.entry.rank = None
+    layer.entry.data_aware = False
+    return False
+
+
 def compress_model(model: nn.Module, ranks: Any = None, *, method: str = "auto",
                    filter_fn: FilterFn | None = None, inplace: bool = False,
                    calibration: Iterable[Any] | None = None, sequential: bool = False,
                    budget: Budget | None = None, damping: float = 0.01,
-                   progress: bool = False) -> nn.Module:
+                   latency_aware: bool | LatencyTimer = False, progress: bool = False) -> nn.Module:
     """Replace the ``nn.Linear`` and ``nn.Conv2d`` layers of ``model`` by low-rank factorized ones.
 
     Every layer is planned first (so bad input fails before any work), then decomposed in
@@ -199,6 +222,10 @@ def compress_model(model: nn.Module, ranks: Any = None, *, method: str = "auto",
             allocated across layers to meet it while minimising the estimated output error.
         damping: relative damping of the input covariance (keeps whitening stable and the
             factors close to the weights in directions the calibration data never visits).
+        latency_aware: time each factorized layer against its dense original on the current
+            device (interleaved runs, input size from the first calibration batch) and keep the
+            dense layer where the factorized one is not faster; the measured ratios go into the
+            plan and the report. A callable ``(dense, factorized, x) -> ratio`` replaces the timer.
         progress: show progress bars.
 
     Returns:
@@ -252,10 +279,13 @@ def compress_model(model: nn.Module, ranks: Any = None, *, method: str = "auto",
             _accept(l, _rank(l))
     chosen = [l for l in chosen if l.cls is not None]
 
+    timer = _timer(latency_aware, batches)
     for l in tqdm(chosen, desc="decomposing", disable=not progress, leave=False):
         if sequential and batches is not None:
-            _whiten(model, [l], batches, damping, progress=False)
+            stats.update(_whiten(model, [l], batches, damping, progress=False))
         new = l.cls.from_dense(l.module, l.entry.rank, name=l.name, whitening=l.whitening)
+        if timer is not None and not _faster(l, new, timer, stats[l.name].input_shape):
+            continue
         model = walk.swap(model, {id(l.module): new})
 
     plan = Plan([l.entry for l in layers])

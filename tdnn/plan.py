@@ -19,6 +19,7 @@ class LayerPlan:
         rank: the concrete rank when factorized.
         reason: why the layer was left dense.
         data_aware: whether the factors were fitted to calibration data.
+        latency_ratio: factorized / dense latency, when measured (``latency_aware``).
     """
 
     name: str
@@ -27,6 +28,7 @@ class LayerPlan:
     rank: Any = None
     reason: str | None = None
     data_aware: bool = False
+    latency_ratio: float | None = None
 
     @property
     def factorized(self) -> bool:

@@ -29,6 +29,7 @@ class LayerRecord:
     flops_before: int | None = None
     flops_after: int | None = None
     rel_error: float | None = None
+    latency_ratio: float | None = None
     note: str | None = None
 
 
@@ -57,17 +58,20 @@ class Report:
         flops = self.flops_before is not None
         head = ["layer", "type", "method", "rank", "params", "after"]
         head += ["MFLOPs", "after"] if flops else []
-        head += ["rel.err", "note"]
+        latency = any(r.latency_ratio is not None for r in self.layers)
+        head += ["rel.err"] + (["latency"] if latency else []) + ["note"]
         rows = []
         for r in self.layers:
             row = [r.name or "(model)", r.kind, r.method or "dense", _fmt_rank(r.rank),
                    f"{r.params_before:,}", f"{r.params_after:,}"]
             row += [_mflops(r.flops_before), _mflops(r.flops_after)] if flops else []
-            row += ["-" if r.rel_error is None else f"{r.rel_error:.4f}", r.note or ""]
+            row += ["-" if r.rel_error is None else f"{r.rel_error:.4f}"]
+            row += [("-" if r.latency_ratio is None else f"x{r.latency_ratio:.2f}")] if latency else []
+            row += [r.note or ""]
             rows.append(row)
         total = ["total", "", "", "", f"{self.params_before:,}", f"{self.params_after:,}"]
         total += [_mflops(self.flops_before), _mflops(self.flops_after)] if flops else []
-        total += ["", f"params x{self.param_ratio:.3f}"
+        total += [""] + ([""] if latency else []) + [f"params x{self.param_ratio:.3f}"
                   + (f", FLOPs x{self.flop_ratio:.3f}" if flops else ", pass inputs= for FLOPs")]
         widths = [max(len(str(c)) for c in col) for col in zip(head, *rows, total)]
         right = {4, 5, 6, 7} if flops else {4, 5}
@@ -123,19 +127,22 @@ def report(model: nn.Module, inputs: Any = None) -> Report:
         0.48
     """
     plan = getattr(model, PLAN_ATTR, None)
-    reasons = {entry.name: entry.reason for entry in plan.layers} if isinstance(plan, Plan) else {}
+    entries = {entry.name: entry for entry in plan.layers} if isinstance(plan, Plan) else {}
     layers = list(walk.named_layers(model, (nn.Linear, nn.Conv2d, Factorized)))
     records, seen_inputs = [], {}
     for name, module, _ in layers:
+        entry = entries.get(name)
         if isinstance(module, Factorized):
             after = sum(p.numel() for p in module.parameters())
             before = dense_param_count(module.dense_type(**module.dense_kwargs, device="meta"))
             records.append(LayerRecord(name, module.dense_type.__name__, module.method, module.rank,
-                                       before, after, rel_error=module.rel_error))
+                                       before, after, rel_error=module.rel_error,
+                                       latency_ratio=getattr(entry, "latency_ratio", None)))
         else:
             count = dense_param_count(module)
             records.append(LayerRecord(name, type(module).__name__, None, None, count, count,
-                                       note=reasons.get(name)))
+                                       note=getattr(entry, "reason", None),
+                                       latency_ratio=getattr(entry, "latency_ratio", None)))
 
     rep = Report(records)
     rep.params_after = sum(p.numel() for p in model.parameters())

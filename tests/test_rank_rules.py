@@ -113,3 +113,37 @@ def test_budget_errors():
         tdnn.compress_model(net, ranks=0.5, budget=tdnn.Budget(params=0.5))
     with pytest.raises(ValueError, match="give exactly one of ranks= or budget="):
         tdnn.compress_model(net)
+
+
+# -- latency-aware mode (with injected timers: no timing in tests) ------------------------------
+
+def test_latency_aware_keeps_slower_layers_dense():
+    net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    x = torch.randn(8, 64)
+    seen = []
+
+    def fake_timer(dense, factorized, example):
+        seen.append((type(dense), type(factorized), tuple(example.shape)))
+        return 1.3 if len(seen) == 2 else 0.6  # the second layer is "slower" when factorized
+
+    small = tdnn.compress_model(net, ranks=8, calibration=[x], latency_aware=fake_timer)
+    assert seen == [(nn.Linear, tdnn.SVDLinear, (8, 64))] * 3
+    assert [type(m).__name__ for m in small] == ["SVDLinear", "ReLU", "Linear", "ReLU", "SVDLinear"]
+    entry = small.tdnn_plan["2"]
+    assert entry.latency_ratio == 1.3 and "took 1.30x the dense latency" in entry.reason
+    assert small.tdnn_plan["0"].latency_ratio == 0.6
+    text = str(tdnn.report(small))
+    assert "latency" in text and "x1.30" in text and "x0.60" in text
+    torch.testing.assert_close(small[2].weight, net[2].weight)
+
+
+def test_latency_aware_needs_calibration():
+    with pytest.raises(ValueError, match="latency_aware needs calibration data"):
+        tdnn.compress_model(nn.Linear(8, 8), ranks=2, latency_aware=True)
+
+
+def test_real_timer_runs_and_returns_a_ratio():
+    from tdnn.latency import latency_ratio
+    dense = nn.Linear(256, 256)
+    ratio = latency_ratio(dense, tdnn.SVDLinear.from_dense(dense, 4), torch.randn(32, 256), repeats=3)
+    assert 0 < ratio < 100

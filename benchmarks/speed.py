@@ -1,0 +1,173 @@
+"""Is the compressed model faster? Dense vs tdnn vs tensorly-torch, measured in one process.
+
+For torchvision ResNet-18/50 (weights do not matter for speed) and a transformer-style MLP
+stack, at several methods and ranks: parameter and FLOP ratios (torch.utils.flop_counter), median
+CPU latency of dense vs compressed at batch 1 and 32 (eval mode, inference_mode, runs
+interleaved so machine noise hits both), and the time compression took. tensorly-torch's
+``FactorizedConv.from_conv`` (Tucker, factorized implementation) on the same 3×3 convs is the
+reference to beat.
+
+    python benchmarks/speed.py            # full table (about 15 minutes on 2 cores)
+    python benchmarks/speed.py --quick    # smaller inputs, fewer runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torchvision
+from torch import nn
+
+import tdnn
+from tdnn import walk
+
+
+class MLPStack(nn.Module):
+    """Transformer-style feed-forward blocks: the Linear layers of a ViT-B / BERT-base encoder."""
+
+    def __init__(self, dim: int = 768, hidden: int = 3072, depth: int = 4) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+            for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+@dataclass
+class Setting:
+    """One row of the table: a model and how to compress it."""
+
+    model: str
+    label: str
+    compress: Callable[[nn.Module, torch.Tensor], nn.Module]
+
+
+def _tdnn(method: str, *, ratio: float | None = None, flops: float | None = None,
+          latency_aware: bool = False) -> Callable[[nn.Module, torch.Tensor], nn.Module]:
+    def run(model: nn.Module, example: torch.Tensor) -> nn.Module:
+        if flops is not None:
+            return tdnn.compress_model(model, budget=tdnn.Budget(flops=flops), method=method,
+                                       calibration=[example], latency_aware=latency_aware)
+        calibration = [example] if latency_aware else None
+        return tdnn.compress_model(model, ranks=ratio, method=method, calibration=calibration,
+                                   latency_aware=latency_aware)
+    return run
+
+
+def _tltorch(rank: float) -> Callable[[nn.Module, torch.Tensor], nn.Module]:
+    """tensorly-torch's Tucker factorization of every k×k conv (its own from_conv)."""
+    def run(model: nn.Module, example: torch.Tensor) -> nn.Module:
+        import tltorch
+
+        model = copy.deepcopy(model)
+        targets = [m for _, m, _ in walk.named_layers(model, (nn.Conv2d,)) if m.kernel_size != (1, 1)]
+        return walk.swap(model, {id(m): tltorch.FactorizedConv.from_conv(
+            m, rank=rank, factorization="tucker", implementation="factorized") for m in targets})
+    return run
+
+
+SETTINGS = [
+    Setting("resnet18", "tdnn tucker2 FLOPs x0.5", _tdnn("tucker2", flops=0.5)),
+    Setting("resnet18", "tdnn svd ratio 0.5", _tdnn("svd", ratio=0.5)),
+    Setting("resnet50", "tdnn tucker2 FLOPs x0.5", _tdnn("tucker2", flops=0.5)),
+    Setting("resnet50", "tdnn tucker2 FLOPs x0.5 latency-aware", _tdnn("tucker2", flops=0.5, latency_aware=True)),
+    Setting("resnet50", "tdnn tucker2 ratio 0.5", _tdnn("tucker2", ratio=0.5)),
+    Setting("resnet50", "tdnn cp ratio 0.5", _tdnn("cp", ratio=0.5)),
+    Setting("resnet50", "tensorly-torch tucker rank 0.5", _tltorch(0.5)),
+    Setting("mlp", "tdnn svd ratio 0.5", _tdnn("svd", ratio=0.5)),
+    Setting("mlp", "tdnn svd ratio 0.25", _tdnn("svd", ratio=0.25)),
+]
+
+
+def build(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    if name == "mlp":
+        return MLPStack().eval()
+    return getattr(torchvision.models, name)().eval()
+
+
+def example(name: str, batch: int, size: int) -> torch.Tensor:
+    return torch.randn(batch, 128, 768) if name == "mlp" else torch.randn(batch, 3, size, size)
+
+
+@torch.inference_mode()
+def paired_latency(a: nn.Module, b: nn.Module, x: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """Median seconds of ``a(x)`` and ``b(x)``, interleaved."""
+    for _ in range(2):
+        a(x)
+        b(x)
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for module, bucket in zip((a, b), times):
+            start = time.perf_counter()
+            module(x)
+            bucket.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def measure(setting: Setting, *, size: int, repeats: int) -> dict[str, object]:
+    dense = build(setting.model)
+    one = example(setting.model, 1, size)
+    start = time.perf_counter()
+    small = setting.compress(dense, one).eval()
+    seconds = time.perf_counter() - start
+    rep = tdnn.report(small, inputs=one) if hasattr(small, "tdnn_plan") else None
+    params = sum(p.numel() for p in small.parameters()) / sum(p.numel() for p in dense.parameters())
+    flops = rep.flop_ratio if rep is not None else _flops(small, one) / _flops(dense, one)
+    row = {"model": setting.model, "setting": setting.label, "params": params, "flops": flops,
+           "compress s": seconds}
+    for batch in (1, 32):
+        x = example(setting.model, batch, size)
+        d, c = paired_latency(dense, small, x, repeats if batch == 1 else max(3, repeats // 3))
+        row[f"bs{batch} dense ms"], row[f"bs{batch} speedup"] = 1e3 * d, d / c
+    return row
+
+
+def _flops(model: nn.Module, x: torch.Tensor) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(x)
+    return counter.get_total_flops()
+
+
+def table(rows: list[dict[str, object]]) -> str:
+    cols = ["model", "setting", "params", "flops", "bs1 dense ms", "bs1 speedup", "bs32 dense ms",
+            "bs32 speedup", "compress s"]
+    fmt = {"params": "x{:.2f}", "flops": "x{:.2f}", "bs1 dense ms": "{:.1f}", "bs1 speedup": "{:.2f}x",
+           "bs32 dense ms": "{:.0f}", "bs32 speedup": "{:.2f}x", "compress s": "{:.1f}"}
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt.get(c, "{}").format(row[c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="112×112 images, fewer repeats")
+    parser.add_argument("--only", default="", help="run settings whose model or label contains this")
+    args = parser.parse_args(argv)
+    size, repeats = (112, 5) if args.quick else (224, 9)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, images {size}x{size}", flush=True)
+    rows = []
+    for setting in SETTINGS:
+        if args.only and args.only not in f"{setting.model} {setting.label}":
+            continue
+        rows.append(measure(setting, size=size, repeats=repeats))
+        print(table(rows[-1:]).splitlines()[-1], flush=True, file=sys.stderr)
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -42,16 +42,20 @@ def current_plan(model: nn.Module) -> Plan:
     """The plan describing ``model`` as it is now.
 
     Factorized layers are read off the modules themselves (so a hand-built or merged model is
-    described correctly); dense layers keep the reason from ``model.tdnn_plan`` when it has one.
+    described correctly); entries of ``model.tdnn_plan`` that agree with the model are kept as
+    they are, with their reasons and other details.
     """
     previous = getattr(model, PLAN_ATTR, None)
-    reasons = {e.name: e.reason for e in previous.layers} if isinstance(previous, Plan) else {}
+    entries = {e.name: e for e in previous.layers} if isinstance(previous, Plan) else {}
     layers = []
     for name, module, _ in walk.named_layers(model, LAYER_TYPES):
+        old = entries.get(name)
         if isinstance(module, Factorized):
-            layers.append(LayerPlan(name, _kind(module), module.method, module.rank))
+            agrees = old is not None and (old.method, old.rank) == (module.method, module.rank)
+            layers.append(old if agrees else LayerPlan(name, _kind(module), module.method, module.rank))
         else:
-            layers.append(LayerPlan(name, _kind(module), reason=reasons.get(name) or "not compressed"))
+            agrees = old is not None and not old.factorized and old.reason
+            layers.append(old if agrees else LayerPlan(name, _kind(module), reason="not compressed"))
     return Plan(layers)
 
 

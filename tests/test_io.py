@@ -295,3 +295,24 @@ def test_save_refuses_meta_and_non_tensor_state(tmp_path):
     with pytest.raises(TypeError, match=r"^0: state_dict entry '0._extra_state' is a dict, not a tensor"):
         tdnn.save(nn.Sequential(WithExtra(4, 4)), tmp_path / "m.safetensors")
     assert os.listdir(tmp_path) == []
+
+
+def test_plan_details_kept_and_hand_built_models_described(tmp_path):
+    calibrated = tdnn.compress_model(small_net(), ranks=0.5, calibration=[torch.randn(4, 8, 6, 6)]).eval()
+    assert all(e.data_aware for e in calibrated.tdnn_plan.factorized())
+    tdnn.save(calibrated, tmp_path / "c.safetensors")
+    loaded = tdnn.load(tmp_path / "c.safetensors", small_net()).eval()
+    assert loaded.tdnn_plan == calibrated.tdnn_plan
+    x = torch.randn(2, 8, 6, 6)
+    assert torch.equal(loaded(x), calibrated(x))
+
+    # no tdnn_plan at all: the plan is read off the factorized modules
+    torch.manual_seed(0)
+    hand = nn.Sequential(tdnn.SVDLinear.from_dense(nn.Linear(40, 30), 5), nn.ReLU(), nn.Linear(30, 3))
+    tdnn.save(hand, tmp_path / "h.safetensors")
+    plan = tdnn.io.read_header(tmp_path / "h.safetensors")["plan"]
+    assert [(e.name, e.method, e.rank, e.reason) for e in plan.layers] == [
+        ("0", "svd", 5, None), ("2", None, None, "not compressed")]
+    fresh = nn.Sequential(nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 3))
+    x = torch.randn(4, 40)
+    assert torch.equal(tdnn.load(tmp_path / "h.safetensors", fresh)(x), hand(x))

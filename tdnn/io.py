@@ -8,9 +8,10 @@ versions. Loading needs no pickle, so a checkpoint from elsewhere cannot run cod
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import tempfile
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -129,15 +130,18 @@ def save(model: nn.Module, path: PathLike) -> None:
                 "layers": json.dumps(layers), "aliases": json.dumps(aliases)}
     path = os.fspath(path)
     directory, base = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{base}.", suffix=".tmp")
-    os.close(fd)
+    tmp = os.path.join(directory, f".{base}.{uuid.uuid4().hex[:12]}.tmp")
     try:
+        with open(tmp, "xb"):  # a new file gets the permissions the user's umask gives
+            mode = os.stat(tmp).st_mode
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, mode)  # safetensors writes files private (0600)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise
 
 

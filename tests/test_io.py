@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -91,6 +92,9 @@ def test_checkpoint_is_one_file_without_pickle(tmp_path):
     small = tdnn.compress_model(small_net(), ranks=0.5)
     tdnn.save(small, tmp_path / "m.safetensors")
     assert os.listdir(tmp_path) == ["m.safetensors"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(tmp_path / "m.safetensors").st_mode) == 0o666 & ~umask  # not private
     tensors = safetensors.torch.load_file(tmp_path / "m.safetensors")
     assert set(tensors) == set(small.state_dict())
     plan = tdnn.io.read_header(tmp_path / "m.safetensors")["plan"]

@@ -1,0 +1,198 @@
+"""The ``tdnn`` command: compress a model by a YAML config, report on a checkpoint, fine-tune it.
+
+    tdnn compress configs/resnet18_tucker2.yaml --model resnet18 --weights IMAGENET1K_V1 --out r18.safetensors
+    tdnn report r18.safetensors [--model resnet18 --input-size 3,224,224]
+    tdnn finetune r18.safetensors --model resnet18 --data /path/to/imagefolder \\
+        --config configs/resnet18_tucker2.yaml --teacher-weights IMAGENET1K_V1 --out r18_ft.safetensors
+
+``--model`` is a torchvision model name or ``package.module:factory``. ``tdnn finetune`` runs
+under ``torchrun`` as well (``torchrun --nproc_per_node=N -m tdnn.cli finetune ...``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+import tdnn
+from tdnn import _vision as vision
+from tdnn.io import read_header
+
+
+def _input_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected sizes like 3,224,224") from None
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: sizes must be positive")
+    return shape
+
+
+def _model_args(p: argparse.ArgumentParser, *, required: bool, weights: bool) -> None:
+    p.add_argument("--model", required=required,
+                   help="torchvision model name (resnet18, resnet50, ...) or package.module:factory")
+    p.add_argument("--num-classes", type=int, help="classifier size (replaced if the weights differ)")
+    if weights:
+        p.add_argument("--weights", help="torchvision weights name (IMAGENET1K_V1; downloads) or a local "
+                                         "state-dict file (.pt/.pth/.safetensors)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tdnn", description="Compress PyTorch models with low-rank "
+                                     "factorized layers, report on them and fine-tune them.")
+    parser.add_argument("--version", action="version", version=f"tdnn {tdnn.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("compress", help="compress a model by a YAML config and save it",
+                       description="Build a model, compress it with the 'compress' section of CONFIG "
+                                   "and save it with tdnn.save.")
+    p.add_argument("config", metavar="CONFIG", help="YAML config (see configs/)")
+    _model_args(p, required=True, weights=True)
+    p.add_argument("--out", required=True, help="output checkpoint (.safetensors)")
+    p.add_argument("--input-size", type=_input_shape, default=(3, 224, 224),
+                   help="one input's shape for the FLOP count (default 3,224,224)")
+
+    p = sub.add_parser("report", help="per-layer table of a compressed checkpoint",
+                       description="Print what a checkpoint holds: each layer's method, rank and "
+                                   "parameters; with --model also FLOPs before and after.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a file written by tdnn.save / tdnn compress")
+    _model_args(p, required=False, weights=False)
+    p.add_argument("--input-size", type=_input_shape, default=(3, 224, 224),
+                   help="one input's shape for FLOPs (with --model; default 3,224,224)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = sub.add_parser("finetune", help="fine-tune a compressed checkpoint (labels and/or distillation)",
+                       description="Fine-tune CHECKPOINT on image data with the 'finetune' section of "
+                                   "--config (flags override it), distilling from the dense model "
+                                   "when --teacher-weights is given. Runs under torchrun too.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a file written by tdnn.save / tdnn compress")
+    _model_args(p, required=True, weights=False)
+    p.add_argument("--data", default="digits",
+                   help="'digits' (embedded), 'cifar10' (downloads) or an ImageFolder dir with train/ val/")
+    p.add_argument("--config", help="YAML config whose 'finetune' section gives the settings")
+    p.add_argument("--teacher-weights", help="weights of the dense original, to distill from")
+    p.add_argument("--out", required=True, help="output checkpoint (.safetensors)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int, default=64, help="global batch size")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (cifar10 / folders)")
+    p.add_argument("--checkpoint-dir", help="training checkpoints; re-run the command to resume")
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _compress(args: argparse.Namespace) -> None:
+    cfg = tdnn.load_config(args.config)
+    model = vision.build_model(args.model, weights=args.weights, num_classes=args.num_classes).eval()
+    small = tdnn.compress_model(model, **cfg.compress)
+    tdnn.save(small, args.out)
+    print(tdnn.report(small, inputs=torch.zeros(1, *args.input_size)))
+    print(f"saved to {args.out}")
+
+
+def _report(args: argparse.Namespace) -> None:
+    if args.model is not None:
+        dense = vision.build_model(args.model, num_classes=args.num_classes)
+        small = tdnn.load(args.checkpoint, dense).eval()
+        rep = tdnn.report(small, inputs=torch.zeros(1, *args.input_size))
+        print(json.dumps(rep.to_dict(), indent=2, default=str) if args.json else rep)
+        return
+    # Without the architecture: everything the checkpoint itself says.
+    header = read_header(args.checkpoint)
+    plan = header["plan"]
+    if args.json:
+        print(json.dumps({**{k: v for k, v in header.items() if k != "plan"}, "plan": plan.to_dict()},
+                         indent=2, default=str))
+        return
+    from safetensors import safe_open
+
+    with safe_open(args.checkpoint, framework="pt") as f:
+        params = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+    rows = [("layer", "method", "rank", "rel.err", "note")]
+    for entry in plan.layers:
+        err = header["layers"].get(entry.name, {}).get("rel_error")
+        rank = "x".join(map(str, entry.rank)) if isinstance(entry.rank, (tuple, list)) else entry.rank
+        rows.append((entry.name, entry.method or "dense", "-" if rank is None else str(rank),
+                     "-" if err is None else f"{err:.4f}", entry.reason or ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for i, row in enumerate(rows):
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        if i == 0:
+            print("-" * (sum(widths) + 2 * (len(widths) - 1)))
+    print(f"\n{len(plan.factorized())} of {len(plan.layers)} layers factorized; {params:,} stored "
+          f"values (tensors incl. buffers); tdnn {header['tdnn_version']}, torch {header['torch_version']}")
+    print("pass --model (and --input-size) for parameters and FLOPs before/after")
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _finetune(args: argparse.Namespace) -> None:
+    settings: dict[str, Any] = dict(tdnn.load_config(args.config).finetune) if args.config else {}
+    for key in ("epochs", "max_steps", "lr", "checkpoint_every"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    data = vision.image_data(args.data, image_size=args.image_size, batch_size=args.batch_size,
+                             workers=args.workers)
+    classes = args.num_classes or data.num_classes
+    small = tdnn.load(args.checkpoint, vision.build_model(args.model, num_classes=classes))
+    teacher = None
+    if args.teacher_weights is not None:
+        teacher = vision.build_model(args.model, weights=args.teacher_weights, num_classes=classes)
+    elif settings.get("alpha"):
+        raise SystemExit(f"tdnn finetune: the config sets alpha={settings['alpha']} (distillation): "
+                         f"give --teacher-weights, or override the config")
+    device = args.device
+    if device is None:
+        local = os.environ.get("LOCAL_RANK", "0")
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    before = vision.top1(small, data.test)
+    result = tdnn.finetune(small, data.train, teacher=teacher, eval_fn=vision.top1_fn(data.test),
+                           checkpoint_dir=args.checkpoint_dir, device=device,
+                           progress=not args.no_progress, **settings)
+    if int(os.environ.get("RANK", "0")) == 0:
+        small.to("cpu")
+        tdnn.save(small, args.out)
+        after = result.evals[-1] if result.evals else vision.top1(small, data.test)
+        print(f"top-1 on {data.name} test: {before:.2%} before, {after:.2%} after {result.steps} steps; "
+              f"saved to {args.out}")
+
+
+COMMANDS = {"compress": _compress, "report": _report, "finetune": _finetune}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``tdnn`` console script; returns the exit status.
+
+    Example:
+        >>> from tdnn.cli import build_parser
+        >>> build_parser().parse_args(["report", "model.safetensors"]).command
+        'report'
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
+        print(f"tdnn {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

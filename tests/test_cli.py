@@ -1,0 +1,107 @@
+"""The `tdnn` command: compress -> report -> finetune on a small ResNet, help texts, clear errors."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock
+
+import tdnn
+from tdnn.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+DIGITS_CONFIG = str(ROOT / "configs" / "resnet18_digits.yaml")
+MODEL = "test_cli:small_resnet"  # pytest puts tests/ on sys.path
+
+
+class SmallResNet(nn.Module):
+    """A narrow two-stage ResNet with torchvision's layer names (conv1, layer1.0.conv1, ..., fc)."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU(inplace=True)
+        down = nn.Sequential(nn.Conv2d(16, 32, 1, stride=2, bias=False), nn.BatchNorm2d(32))
+        self.layer1 = nn.Sequential(BasicBlock(16, 16))
+        self.layer2 = nn.Sequential(BasicBlock(16, 32, stride=2, downsample=down))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer2(self.layer1(x))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def small_resnet():
+    torch.manual_seed(0)
+    return SmallResNet()
+
+
+def test_compress_report_finetune(tmp_path, capsys):
+    weights = tmp_path / "dense.pt"
+    torch.save(small_resnet().state_dict(), weights)
+    out = tmp_path / "small.safetensors"
+    assert main(["compress", DIGITS_CONFIG, "--model", MODEL, "--weights", str(weights), "--out", str(out),
+                 "--input-size", "3,32,32"]) == 0
+    printed = capsys.readouterr().out
+    assert "layer1.0.conv1" in printed and "tucker2" in printed and "FLOPs x" in printed
+
+    loaded = tdnn.load(out, small_resnet())
+    assert type(loaded.layer1[0].conv1).__name__ == "Tucker2Conv2d"
+    assert type(loaded.layer2[0].downsample[0]).__name__ == "SVDConv2d"
+    assert isinstance(loaded.conv1, nn.Conv2d) and isinstance(loaded.fc, nn.Linear)
+
+    assert main(["report", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "5 of 7 layers factorized" in printed and "layer2.0.downsample.0" in printed
+
+    assert main(["report", str(out), "--model", MODEL, "--input-size", "3x32x32"]) == 0
+    rep = tdnn.report(loaded, inputs=torch.zeros(1, 3, 32, 32))
+    printed = capsys.readouterr().out
+    assert f"{rep.params_after:,}" in printed and f"params x{rep.param_ratio:.3f}" in printed
+
+    tuned = tmp_path / "tuned.safetensors"
+    assert main(["finetune", str(out), "--model", MODEL, "--data", "digits", "--config", DIGITS_CONFIG,
+                 "--teacher-weights", str(weights), "--max-steps", "4", "--out", str(tuned),
+                 "--no-progress", "--checkpoint-dir", str(tmp_path / "ckpt")]) == 0
+    assert "after 4 steps" in capsys.readouterr().out
+    before, after = tdnn.load(out, small_resnet()), tdnn.load(tuned, small_resnet())
+    assert not torch.equal(before.layer1[0].conv1.core.weight, after.layer1[0].conv1.core.weight)
+    assert (tmp_path / "ckpt" / "last.pt").exists()
+
+
+def test_errors_are_one_clear_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("compress:\n  ranks: 0.5\n  metod: svd\n")
+    assert main(["compress", str(bad), "--model", MODEL, "--out", str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert f"tdnn compress: error: {bad}: unknown key 'compress.metod'" in err
+    assert main(["report", str(bad)]) == 2
+    assert "not a tdnn checkpoint" in capsys.readouterr().err
+    assert main(["compress", DIGITS_CONFIG, "--model", "resnet9000", "--out", str(tmp_path / "y")]) == 2
+    assert "unknown model 'resnet9000'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["compress", DIGITS_CONFIG, "--model", MODEL, "--out", "z", "--input-size", "three"])
+
+
+def test_console_script_help():
+    exe = shutil.which("tdnn") or str(Path(sys.executable).with_name("tdnn"))
+    done = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: tdnn") and "compress" in done.stdout and "finetune" in done.stdout
+
+
+@pytest.mark.parametrize("command, expected", [("compress", "CONFIG"), ("report", "CHECKPOINT"),
+                                               ("finetune", "--teacher-weights")])
+def test_help_of_each_command(command, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"usage: tdnn {command}") and expected in printed

@@ -119,7 +119,7 @@ def save(model: nn.Module, path: PathLike) -> None:
         >>> torch.equal(loaded(x), small(x)), type(loaded[0]).__name__
         (True, 'SVDLinear')
     """
-    import tdnn
+    import tdnn  # for __version__; tdnn/__init__.py imports this module, so not at the top
 
     plan = current_plan(model)
     layers = {name: {"class": type(m).__name__, "dense_kwargs": m.dense_kwargs, "rel_error": m.rel_error}

@@ -14,7 +14,8 @@ from contextlib import contextmanager
 
 import torch
 import tensorly as tl
-from tensorly.decomposition import parafac, partial_tucker
+from tensorly.decomposition import partial_tucker
+from tensorly.decomposition._cp import initialize_cp
 
 SEED = 0
 
@@ -134,26 +135,67 @@ def tucker2(
 
 @torch.no_grad()
 def cp(
-    weight: torch.Tensor, rank: int, *, n_iter_max: int = 100
+    weight: torch.Tensor, rank: int, *, n_iter_max: int = 25, tol: float = 1e-4
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """CP (PARAFAC) of a conv kernel by ALS from an SVD start.
+    """CP (PARAFAC) of a conv kernel: tensorly's SVD start, then alternating least squares.
 
-    The component weights are spread evenly over the four factors so no factor dwarfs the others.
+    The ALS sweeps are done here with a matricised-tensor-times-Khatri-Rao product that never
+    forms the ``(S·C·kw) × R`` Khatri-Rao matrix of a spatial mode: tensorly's ``parafac`` does,
+    which takes over a minute per sweep on a 512-channel 3×3 kernel. Kernels of a million entries
+    or more run the sweeps in float32 (ample for factors that fine-tuning refines anyway).
 
     Args:
         weight: kernel of shape ``(S, C, kh, kw)``.
         rank: number of rank-one components ``R``.
+        n_iter_max: ALS sweeps at most.
+        tol: stop when a sweep lowers the error by less than this fraction of it.
 
     Returns:
         Factors ``(S, R)``, ``(C, R)``, ``(kh, R)``, ``(kw, R)`` with
-        ``weight[s, c, i, j] ≈ Σ_r out[s, r] in[c, r] vertical[i, r] horizontal[j, r]``.
+        ``weight[s, c, i, j] ≈ Σ_r out[s, r] in[c, r] vertical[i, r] horizontal[j, r]``; the
+        component scales are spread evenly over the four factors.
     """
+    w = _f64(weight)
     with tl.backend_context("pytorch"), _quiet():
-        weights, factors = parafac(
-            _f64(weight), rank=rank, init="svd", svd=_tensorly_svd, n_iter_max=n_iter_max, tol=1e-7,
-            normalize_factors=True, random_state=SEED,
-        )
-    # normalize_factors leaves unit columns and the scale (with its sign) in `weights`.
-    scale = weights.abs().pow(1 / 4)
-    out, inp, vertical, horizontal = (f * scale for f in factors)
-    return out * weights.sign(), inp, vertical, horizontal
+        _, factors = initialize_cp(w, rank, init="svd", svd=_tensorly_svd, random_state=SEED)
+    dtype = torch.float32 if w.numel() >= 2 ** 20 else torch.float64
+    w = w.to(dtype)
+    a, b, h, v = (f.to(dtype) for f in factors)
+    s_, c_, kh, kw = w.shape
+    w_out = w.reshape(s_, -1)                        # (S, C·kh·kw)
+    w_in = w.transpose(0, 1).reshape(c_, -1)         # (C, S·kh·kw)
+    norm2, error = float(w.double().square().sum()), float("inf")
+
+    def solve(mttkrp: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
+        gram = others[0].T @ others[0]
+        for f in others[1:]:
+            gram = gram * (f.T @ f)
+        ridge = 1e-10 * gram.diagonal().mean().clamp_min(1e-30)
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+        return torch.linalg.solve(gram + ridge * eye, mttkrp.T).T
+
+    def khatri_rao(*fs: torch.Tensor) -> torch.Tensor:
+        out = fs[0]
+        for f in fs[1:]:
+            out = (out[:, None, :] * f[None, :, :]).reshape(-1, rank)
+        return out
+
+    for _ in range(n_iter_max):
+        a = solve(w_out @ khatri_rao(b, h, v), b, h, v)
+        b = solve(w_in @ khatri_rao(a, h, v), a, h, v)
+        t = (a.T @ w_out).reshape(rank, c_, kh, kw)                  # contract S once for both
+        tb = torch.einsum("rcij,cr->rij", t, b)
+        h = solve(torch.einsum("rij,jr->ir", tb, v), a, b, v)
+        mttkrp_v = torch.einsum("rij,ir->jr", tb, h)
+        v = solve(mttkrp_v, a, b, h)
+        # ‖W − Ŵ‖² = ‖W‖² − 2⟨W, Ŵ⟩ + ‖Ŵ‖², all from R×R products
+        inner = float((mttkrp_v * v).sum())
+        grams = (a.T @ a) * (b.T @ b) * (h.T @ h) * (v.T @ v)
+        previous, error = error, max(norm2 - 2 * inner + float(grams.sum()), 0.0) ** 0.5 / norm2 ** 0.5
+        if previous - error < tol * previous:
+            break
+
+    factors = [f.double() for f in (a, b, h, v)]
+    norms = torch.stack([f.norm(dim=0) for f in factors])            # (4, R)
+    scale = norms.prod(0).pow(1 / 4)
+    return tuple(f / n.clamp_min(1e-300) * scale for f, n in zip(factors, norms))

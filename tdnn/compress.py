@@ -266,7 +266,11 @@ def compress_model(model: nn.Module, ranks: Any = None, *, method: str = "auto",
     if not inplace:
         # Copy only now: planning never mutates, and a copy keeps the same module order.
         memo: dict[int, Any] = {}
-        model = copy.deepcopy(model, memo)
+        try:
+            model = copy.deepcopy(model, memo)
+        except RuntimeError as err:  # e.g. old-style weight_norm tensors refuse to be deep-copied
+            raise ValueError(f"cannot copy {type(model).__name__} ({err}); pass inplace=True, or remove "
+                             "old-style weight_norm/spectral_norm hooks first") from err
         for l in layers:
             l.module = memo[id(l.module)]
     chosen = [l for l in layers if l.cls is not None]

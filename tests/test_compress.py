@@ -269,3 +269,10 @@ def test_layer_errors_from_constructors():
         tdnn.CPConv2d.from_dense(nn.Conv2d(4, 4, 3, groups=2), 3, name="conv")
     with pytest.raises(ValueError, match=r"meta device"):
         tdnn.SVDLinear.from_dense(nn.Linear(4, 4, device="meta"), 2)
+
+
+def test_uncopyable_model_gets_a_clear_error():
+    with pytest.warns(FutureWarning):
+        legacy = nn.utils.weight_norm(nn.Linear(16, 16))  # its weight cannot be deep-copied
+    with pytest.raises(ValueError, match="cannot copy Sequential .* pass inplace=True"):
+        tdnn.compress_model(nn.Sequential(legacy, nn.Linear(16, 16)), ranks=4)

@@ -33,6 +33,8 @@ class InputStats:
         count: number of vectors summed.
         input_shape: shape of the first input seen (for FLOP counting).
         out_scale: ``|γ| / sqrt(var + eps)`` of a BatchNorm fed by this layer, else ``None``.
+        cross: sum of ``x_ref xᵀ`` where ``x_ref`` is the same input in the uncompressed
+            reference model (sequential mode), else ``None``.
     """
 
     mode: str
@@ -40,6 +42,7 @@ class InputStats:
     count: int = 0
     input_shape: tuple[int, ...] | None = None
     out_scale: torch.Tensor | None = None
+    cross: torch.Tensor | None = None
 
     @property
     def cov(self) -> torch.Tensor:
@@ -47,13 +50,23 @@ class InputStats:
             raise ValueError("no calibration data reached this layer")
         return self.gram / self.count
 
-    def update(self, module: nn.Module, x: torch.Tensor) -> None:
+    def update(self, module: nn.Module, x: torch.Tensor, reference: torch.Tensor | None = None) -> None:
+        """Add a batch ``x``; ``reference`` holds the same rows as seen by the reference model."""
         if self.input_shape is None:
             self.input_shape = tuple(x.shape)
         vectors = _vectors(module, x.detach(), self.mode).to(torch.float64)
-        gram = (vectors.T @ vectors).cpu()
-        self.gram = gram if self.gram is None else self.gram + gram
+        self.gram = _add(self.gram, vectors.T @ vectors)
+        if reference is not None:
+            self.cross = _add(self.cross, reference.T @ vectors)
         self.count += vectors.shape[0]
+
+    @property
+    def cross_cov(self) -> torch.Tensor | None:
+        return None if self.cross is None else self.cross / self.count
+
+
+def _add(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
+    return term.cpu() if total is None else total + term.cpu()
 
 
 def _vectors(module: nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor:
@@ -128,10 +141,9 @@ def collect(model: nn.Module, batches: Iterable[Any], layers: dict[str, tuple[nn
     """
     tracker = _Tracker({name: InputStats(mode) for name, (_, mode) in layers.items()},
                        {name: module for name, (module, _) in layers.items()})
-    flags = {module: module.training for module in model.modules()}
-    model.eval()
     tracker.attach(model)
     n = 0
+    restore = _evaluating(model)
     try:
         for batch in tqdm(batches, desc="calibrating", disable=not progress, leave=False):
             tracker.outputs.clear()
@@ -139,8 +151,7 @@ def collect(model: nn.Module, batches: Iterable[Any], layers: dict[str, tuple[nn
             n += 1
     finally:
         tracker.detach()
-        for module, training in flags.items():
-            module.train(training)
+        restore()
     if n == 0:
         raise ValueError("calibration: no batches given")
     for name, stats in tracker.stats.items():
@@ -149,32 +160,73 @@ def collect(model: nn.Module, batches: Iterable[Any], layers: dict[str, tuple[nn
     return tracker.stats
 
 
+def _evaluating(model: nn.Module):
+    """Put ``model`` in eval mode; return the function that restores every module's flag."""
+    flags = {module: module.training for module in model.modules()}
+    model.eval()
+    return lambda: [module.train(training) for module, training in flags.items()]
+
+
+@torch.no_grad()
+def collect_cross(model: nn.Module, module: nn.Module, reference: nn.Module, ref_module: nn.Module,
+                  batches: Iterable[Any], mode: str) -> InputStats:
+    """Input statistics of ``module`` in ``model`` together with their cross moment with the inputs
+    of ``ref_module`` in ``reference`` (the uncompressed model) on the same batches."""
+    stats, seen = InputStats(mode), {}
+
+    def remember(m: nn.Module, args: tuple[Any, ...]) -> None:
+        seen["x"] = _vectors(m, args[0].detach(), mode).to(torch.float64)
+
+    def accumulate(m: nn.Module, args: tuple[Any, ...]) -> None:
+        stats.update(m, args[0], seen.pop("x"))
+
+    handles = [ref_module.register_forward_pre_hook(remember), module.register_forward_pre_hook(accumulate)]
+    restores = [_evaluating(reference), _evaluating(model)]
+    try:
+        for batch in batches:
+            call(reference, batch)
+            call(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for restore in restores:
+            restore()
+    return stats
+
+
 class Whitening:
     """Maps a weight into the space where plain truncation minimises the output error.
 
-    With ``cov = E[x xᵀ] = R Rᵀ`` (``R`` from an eigendecomposition, eigenvalues floored at
-    ``damping × mean eigenvalue`` so a singular covariance stays invertible) and ``D`` the
-    output scale (a following BatchNorm, else the identity), ``‖D (W − W') X‖ = ‖D W R − D W' R‖``.
+    With ``cov + λI = R Rᵀ`` (``cov = E[x xᵀ]``, ``λ = damping × mean eigenvalue`` so a singular
+    covariance stays invertible, ``R`` from an eigendecomposition) and ``D`` the output scale (a
+    following BatchNorm, else the identity), ``‖D (W − W') R‖² = ‖D (W − W') X‖² + λ‖D (W − W')‖²``.
     Decomposing ``D W R`` and mapping the factors back (:meth:`out_factor`, :meth:`in_factor`)
-    therefore minimises the output error plus ``damping`` times the weight error; at full rank
-    the round trip is exact.
+    therefore minimises the output error plus ``λ`` times the weight error, so it is never worse
+    on the data than plain truncation; at full rank the round trip is exact.
     """
 
     def __init__(self, cov: torch.Tensor, out_scale: torch.Tensor | None = None, *,
-                 damping: float = 0.01) -> None:
+                 damping: float = 0.01, cross: torch.Tensor | None = None) -> None:
         cov = (cov + cov.T) / 2
         evals, vecs = torch.linalg.eigh(cov)
         mean = float(evals.clamp_min(0).mean())
         if mean <= torch.finfo(cov.dtype).eps * float(evals.abs().max().clamp_min(1e-300)) or mean == 0.0:
-            evals = torch.ones_like(evals)  # no signal at all: fall back to plain truncation
+            ridge, evals = 0.0, torch.ones_like(evals)  # no signal at all: fall back to plain truncation
         else:
-            evals = evals.clamp_min(damping * mean)
-        self.root = vecs * evals.sqrt()                   # R,   R Rᵀ = cov (damped)
-        self.root_inv = (vecs / evals.sqrt()).T           # R⁻¹
+            ridge = damping * mean
+            evals = evals.clamp_min(0) + ridge               # cov + λI
+        self.root = vecs * evals.sqrt()                      # R,   R Rᵀ = cov + λI
+        self.root_inv = (vecs / evals.sqrt()).T              # R⁻¹
+        if cross is not None:
+            # Sequential mode: the least-squares target is W·M with M = (E[x_ref xᵀ] + λI)(cov + λI)⁻¹,
+            # which maps the inputs this layer now gets to what the original layer computed (and
+            # is the identity when nothing upstream changed). Whitening W·M: M R = (cross + λI) Q Λ^-½.
+            eye = torch.eye(cross.shape[0], dtype=cross.dtype)
+            self.root = (cross + ridge * eye) @ (vecs / evals.sqrt())
         if out_scale is not None:  # a dead BN channel (γ = 0) must not divide by zero
             out_scale = out_scale.clamp_min(max(1e-6 * float(out_scale.max()), torch.finfo(cov.dtype).tiny))
         self.out_scale = out_scale
-        self._cov, self._damping = cov, damping
+        self._cov, self._damping, self._cross = cov, damping, cross
 
     def group(self, g: int, groups: int) -> Whitening:
         """The whitening of group ``g`` of a grouped layer (diagonal block of the covariance)."""
@@ -184,7 +236,9 @@ class Whitening:
         if self.out_scale is not None:
             m = self.out_scale.shape[0] // groups
             s = self.out_scale[g * m:(g + 1) * m]
-        return Whitening(self._cov[g * n:(g + 1) * n, g * n:(g + 1) * n], s, damping=self._damping)
+        block = slice(g * n, (g + 1) * n)
+        cross = None if self._cross is None else self._cross[block, block]
+        return Whitening(self._cov[block, block], s, damping=self._damping, cross=cross)
 
     def whiten(self, weight: torch.Tensor) -> torch.Tensor:
         """``D W R`` for a weight with output mode 0 and input mode 1 (matrix or conv kernel)."""

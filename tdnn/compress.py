@@ -163,6 +163,15 @@ def _allocate(model: nn.Module, layers: list[_Layer], budget: Budget,
             _accept(l, rank)
 
 
+def _refit(model: nn.Module, reference: nn.Module, layer: _Layer, batches: list[Any], damping: float,
+           out_scale: torch.Tensor | None) -> None:
+    """Sequential mode: whiten ``layer`` by the inputs it gets behind the already-compressed
+    layers, aiming at the original layer's outputs on the original inputs."""
+    stats = calibrate.collect_cross(model, layer.module, reference, reference.get_submodule(layer.name),
+                                    batches, _stat_mode(layer))
+    layer.whitening = Whitening(stats.cov, out_scale, damping=damping, cross=stats.cross_cov)
+
+
 def _timer(latency_aware: bool | LatencyTimer, batches: list[Any] | None) -> LatencyTimer | None:
     if latency_aware is False:
         return None
@@ -217,7 +226,8 @@ def compress_model(model: nn.Module, ranks: Any = None, *, method: str = "auto",
         calibration: an iterable of model inputs (tensors, tuples of arguments or dicts of
             keyword arguments) for data-aware factors; a few hundred samples are plenty.
         sequential: calibrate each layer on the outputs of the already-compressed layers before
-            it (one pass over the calibration data per layer), so errors do not compound.
+            it, fitting it to what the original layer computed on the original inputs (one pass
+            of both models over the calibration data per layer), so errors do not compound.
         budget: a :class:`tdnn.Budget` for the whole model instead of ``ranks``: ranks are
             allocated across layers to meet it while minimising the estimated output error.
         damping: relative damping of the input covariance (keeps whitening stable and the
@@ -263,6 +273,7 @@ def compress_model(model: nn.Module, ranks: Any = None, *, method: str = "auto",
         for key in rule.unused_keys():
             warnings.warn(f"ranks: pattern '{key}' matches no layer of {type(model).__name__}", stacklevel=2)
 
+    original = model
     if not inplace:
         # Copy only now: planning never mutates, and a copy keeps the same module order.
         memo: dict[int, Any] = {}
@@ -284,9 +295,12 @@ def compress_model(model: nn.Module, ranks: Any = None, *, method: str = "auto",
     chosen = [l for l in chosen if l.cls is not None]
 
     timer = _timer(latency_aware, batches)
+    # Sequential mode fits each layer to what the original layer computed on the original inputs.
+    reference = None if not (sequential and batches is not None) else (
+        original if not inplace else copy.deepcopy(model))
     for l in tqdm(chosen, desc="decomposing", disable=not progress, leave=False):
         if sequential and batches is not None:
-            stats.update(_whiten(model, [l], batches, damping, progress=False))
+            _refit(model, reference, l, batches, damping, stats[l.name].out_scale)
         new = l.cls.from_dense(l.module, l.entry.rank, name=l.name, whitening=l.whitening)
         if timer is not None and not _faster(l, new, timer, stats[l.name].input_shape):
             continue

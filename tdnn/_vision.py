@@ -73,31 +73,25 @@ def build_model(name: str, *, weights: str | None = None, num_classes: int | Non
             downloads on first use) or a local state-dict file (``.pt``/``.pth``/``.safetensors``).
         num_classes: replace the classifier by a new one when the class count differs.
     """
-    is_file = weights is not None and os.path.exists(weights)
+    state = _load_state_dict(weights) if weights is not None and os.path.exists(weights) else None
     if ":" in name:
         module, _, attr = name.partition(":")
+        if weights is not None and state is None:
+            raise ValueError(f"weights {weights!r}: not a file; named weights need a torchvision model")
         model = getattr(importlib.import_module(module), attr)()
-        if weights is not None and not is_file:
-            raise ValueError(f"--weights {weights!r}: not a file; named weights need a torchvision model")
     else:
         models = _torchvision().models
         if name not in models.list_models():
             raise ValueError(f"unknown model {name!r}; torchvision has e.g. resnet18, resnet34, resnet50, "
                              f"or give module:callable")
-        state = _load_state_dict(weights) if is_file else None
-        classes = num_classes
-        if state is not None:
-            classes = next((v.shape[0] for k, v in state.items() if k in ("fc.weight", "classifier.weight")),
-                           num_classes)
-        if weights is not None and not is_file:
-            model = models.get_model(name, weights=weights.rpartition(".")[2] if "." in weights else weights)
-        else:
+        if weights is not None and state is None:  # a torchvision weights name: downloads once
+            model = models.get_model(name, weights=weights)
+        else:  # size the classifier as the local weights have it
+            classes = next((v.shape[0] for k, v in (state or {}).items()
+                            if k in ("fc.weight", "classifier.weight")), num_classes)
             model = models.get_model(name, **({"num_classes": classes} if classes else {}))
-        if state is not None:
-            model.load_state_dict(state)
-        is_file = False
-    if is_file:
-        model.load_state_dict(_load_state_dict(weights))
+    if state is not None:
+        model.load_state_dict(state)
     if num_classes is not None:
         set_num_classes(model, num_classes)
     return model

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         train_epochs = 4 if args.weights is None or replaced else 0
     print(f"{args.arch} on {data.name} ({len(data.train.dataset)} train / {len(data.test.dataset)} test "
           f"images, {data.num_classes} classes, {data.image_size}x{data.image_size}), "
-          f"{torch.get_num_threads()} CPU threads, config {args.config}")
+          f"{torch.get_num_threads()} CPU thread(s), config {args.config}")
 
     if train_epochs:
         print(f"training the original for {train_epochs} epochs")

@@ -172,10 +172,10 @@ def _refit(model: nn.Module, reference: nn.Module, layer: _Layer, batches: list[
     layer.whitening = Whitening(stats.cov, out_scale, damping=damping, cross=stats.cross_cov)
 
 
-def _timer(latency_aware: bool | LatencyTimer, batches: list[Any] | None) -> LatencyTimer | None:
+def _timer(latency_aware: bool | LatencyTimer, calibration: Iterable[Any] | None) -> LatencyTimer | None:
     if latency_aware is False:
         return None
-    if batches is None:
+    if calibration is None:
         raise ValueError("latency_aware needs calibration data: its first batch sets each layer's input size")
     return latency_ratio if latency_aware is True else latency_aware
 
@@ -264,6 +264,9 @@ def compress_model(model: nn.Module, ranks: Any = None, *, method: str = "auto",
                          "filter_fn and the method with method=)")
     if budget is not None and not isinstance(budget, Budget):
         raise TypeError(f"budget must be a tdnn.Budget, got {type(budget).__name__}")
+    if sequential and calibration is None:
+        raise ValueError("sequential=True needs calibration data")
+    timer = _timer(latency_aware, calibration)
     rule = None if ranks is None else RankRule(ranks)
     found = list(walk.named_layers(model))
     if not found:
@@ -294,12 +297,10 @@ def compress_model(model: nn.Module, ranks: Any = None, *, method: str = "auto",
             _accept(l, _rank(l))
     chosen = [l for l in chosen if l.cls is not None]
 
-    timer = _timer(latency_aware, batches)
     # Sequential mode fits each layer to what the original layer computed on the original inputs.
-    reference = None if not (sequential and batches is not None) else (
-        original if not inplace else copy.deepcopy(model))
+    reference = (original if not inplace else copy.deepcopy(model)) if sequential else None
     for l in tqdm(chosen, desc="decomposing", disable=not progress, leave=False):
-        if sequential and batches is not None:
+        if sequential:
             _refit(model, reference, l, batches, damping, stats[l.name].out_scale)
         new = l.cls.from_dense(l.module, l.entry.rank, name=l.name, whitening=l.whitening)
         if timer is not None and not _faster(l, new, timer, stats[l.name].input_shape):

@@ -183,3 +183,8 @@ def test_sequential_mode_sees_compressed_inputs():
     e = {name: output_error(m, net, x) for name, m in
          [("plain", plain), ("parallel", parallel), ("sequential", sequential)]}
     assert e["sequential"] < e["plain"] and e["parallel"] < e["plain"]
+
+
+def test_sequential_needs_calibration():
+    with pytest.raises(ValueError, match="sequential=True needs calibration data"):
+        tdnn.compress_model(nn.Linear(8, 8), ranks=2, sequential=True)

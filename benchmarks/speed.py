@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from torch import nn
 
 import tdnn
 from tdnn import walk
+from tdnn.latency import latencies
 
 
 class MLPStack(nn.Module):
@@ -101,21 +101,6 @@ def example(name: str, batch: int, size: int) -> torch.Tensor:
     return torch.randn(batch, 128, 768) if name == "mlp" else torch.randn(batch, 3, size, size)
 
 
-@torch.inference_mode()
-def paired_latency(a: nn.Module, b: nn.Module, x: torch.Tensor, repeats: int) -> tuple[float, float]:
-    """Median seconds of ``a(x)`` and ``b(x)``, interleaved."""
-    for _ in range(2):
-        a(x)
-        b(x)
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(repeats):
-        for module, bucket in zip((a, b), times):
-            start = time.perf_counter()
-            module(x)
-            bucket.append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
-
-
 def measure(setting: Setting, *, size: int, repeats: int) -> dict[str, object]:
     dense = build(setting.model)
     one = example(setting.model, 1, size)
@@ -129,7 +114,9 @@ def measure(setting: Setting, *, size: int, repeats: int) -> dict[str, object]:
            "compress s": seconds}
     for batch in (1, 32):
         x = example(setting.model, batch, size)
-        d, c = paired_latency(dense, small, x, repeats if batch == 1 else max(3, repeats // 3))
+        times = latencies({"dense": dense, "small": small}, x,
+                          repeats=repeats if batch == 1 else max(3, repeats // 3))
+        d, c = times["dense"], times["small"]
         row[f"bs{batch} dense ms"], row[f"bs{batch} speedup"] = 1e3 * d, d / c
     return row
 

@@ -25,6 +25,7 @@ import torch
 
 import tdnn
 from tdnn import _vision as vision
+from tdnn.latency import latencies
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     x = next(iter(data.test))[0][: args.latency_batch]
     rep = tdnn.report(tuned, inputs=x[:1])
-    lat = vision.latencies({"original": original, "compressed": tuned}, x)
+    lat = latencies({"original": original.eval(), "compressed": tuned.eval()}, x, warmup=3, repeats=15)
     ratio = lat["compressed"] / lat["original"]
     rows = [("", "original", "compressed", "fine-tuned", "ratio"),
             ("parameters", f"{rep.params_before:,}", f"{rep.params_after:,}", f"{rep.params_after:,}",

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -175,24 +173,6 @@ def top1(model: nn.Module, loader: DataLoader) -> float:
         total += len(y)
     model.train(was_training)
     return correct / total
-
-
-@torch.inference_mode()
-def latencies(models: dict[str, nn.Module], x: torch.Tensor, *, repeats: int = 15,
-              warmup: int = 3) -> dict[str, float]:
-    """Median seconds per forward pass of each model on ``x``, timed interleaved (model A, B, A,
-    B, ...) so that load from other processes affects every model alike."""
-    for m in models.values():
-        m.eval()
-        for _ in range(warmup):
-            m(x)
-    times: dict[str, list[float]] = {k: [] for k in models}
-    for _ in range(repeats):
-        for name, m in models.items():
-            start = time.perf_counter()
-            m(x)
-            times[name].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def top1_fn(loader: DataLoader) -> Callable[[nn.Module], float]:

@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
 import tdnn
 from tdnn import _vision as vision

@@ -19,12 +19,36 @@ def _sync(x: torch.Tensor) -> None:
 
 
 @torch.inference_mode()
+def latencies(models: dict[str, nn.Module], x: torch.Tensor, *, warmup: int = 2,
+              repeats: int = 9) -> dict[str, float]:
+    """Median seconds per call of each module on ``x``, timed interleaved (A, B, A, B, ...) so
+    drift and load from other processes hit every module alike.
+
+    Example:
+        >>> import torch
+        >>> times = latencies({"a": torch.nn.Linear(8, 8), "b": torch.nn.Identity()}, torch.randn(2, 8))
+        >>> sorted(times)
+        ['a', 'b']
+    """
+    for module in models.values():
+        for _ in range(warmup):
+            module(x)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, module in models.items():
+            _sync(x)
+            start = time.perf_counter()
+            module(x)
+            _sync(x)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def latency_ratio(dense: nn.Module, factorized: nn.Module, x: torch.Tensor, *,
                   warmup: int = 2, repeats: int = 9) -> float:
     """Median latency of ``factorized(x)`` over median latency of ``dense(x)`` on ``x``'s device.
 
-    The two run interleaved, so drift and noise on a busy machine hit both alike. Below 1 the
-    factorized layer is faster.
+    The two run interleaved (:func:`latencies`). Below 1 the factorized layer is faster.
 
     Example:
         >>> import torch, tdnn
@@ -33,15 +57,5 @@ def latency_ratio(dense: nn.Module, factorized: nn.Module, x: torch.Tensor, *,
         >>> latency_ratio(dense, small, torch.randn(64, 512)) > 0
         True
     """
-    for _ in range(warmup):
-        dense(x)
-        factorized(x)
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(repeats):
-        for module, bucket in zip((dense, factorized), times):
-            _sync(x)
-            start = time.perf_counter()
-            module(x)
-            _sync(x)
-            bucket.append(time.perf_counter() - start)
-    return statistics.median(times[1]) / max(statistics.median(times[0]), 1e-12)
+    times = latencies({"dense": dense, "factorized": factorized}, x, warmup=warmup, repeats=repeats)
+    return times["factorized"] / max(times["dense"], 1e-12)

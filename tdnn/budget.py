@@ -68,12 +68,8 @@ class Candidate:
 def module_flops(module: nn.Module, input_shape: tuple[int, ...]) -> int:
     """FLOPs of one forward of ``module`` on an input of ``input_shape`` (counted on meta tensors)."""
     with FlopCounterMode(display=False) as counter:
-        module(torch.empty(input_shape, device="meta", dtype=module_dtype(module)))
+        module(torch.empty(input_shape, device="meta", dtype=next(module.parameters()).dtype))
     return counter.get_total_flops()
-
-
-def module_dtype(module: nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype
 
 
 def _cost(kind: str, module: nn.Module, input_shape: tuple[int, ...] | None) -> int:
@@ -89,9 +85,8 @@ def dense_cost(kind: str, layer: nn.Module, input_shape: tuple[int, ...] | None)
 
 def _signature(layer: nn.Module) -> tuple:
     kwargs = dense_kwargs(layer)
-    return (type(layer) if type(layer) in (nn.Linear, nn.Conv2d) else
-            (nn.Linear if isinstance(layer, nn.Linear) else nn.Conv2d),
-            layer.weight.dtype, tuple(sorted(kwargs.items())))
+    base = nn.Linear if isinstance(layer, nn.Linear) else nn.Conv2d
+    return base, layer.weight.dtype, tuple(sorted(kwargs.items()))
 
 
 @lru_cache(maxsize=65536)

@@ -210,7 +210,7 @@ class Whitening:
         cov = (cov + cov.T) / 2
         evals, vecs = torch.linalg.eigh(cov)
         mean = float(evals.clamp_min(0).mean())
-        if mean <= torch.finfo(cov.dtype).eps * float(evals.abs().max().clamp_min(1e-300)) or mean == 0.0:
+        if mean <= torch.finfo(cov.dtype).eps * float(evals.abs().max().clamp_min(1e-300)):
             ridge, evals = 0.0, torch.ones_like(evals)  # no signal at all: fall back to plain truncation
         else:
             ridge = damping * mean

@@ -113,7 +113,7 @@ def tucker2(
     w = _f64(weight)
     r_out, r_in = ranks
     with tl.backend_context("pytorch"), _quiet():
-        (_, (out_factor, in_factor)), _ = partial_tucker(
+        (core, (out_factor, in_factor)), _ = partial_tucker(
             w, rank=[r_out, r_in], modes=[0, 1], init="svd", svd=_tensorly_svd, n_iter_max=0)
     # Unfoldings as matmuls (much faster than einsum here): w3 is (S, C, kh·kw).
     s_, c_ = w.shape[:2]
@@ -124,12 +124,10 @@ def tucker2(
         out_factor = _top_singular(in_proj, r_out)[0]
         out_proj = (out_factor.T @ w3.reshape(s_, -1)).reshape(r_out, c_, -1)       # (r_out, C, k)
         in_factor = _top_singular(out_proj.transpose(0, 1).reshape(c_, -1), r_in)[0]
-        core = out_proj.transpose(1, 2) @ in_factor                                   # (r_out, k, r_in)
+        core = (out_proj.transpose(1, 2) @ in_factor).transpose(1, 2).reshape(r_out, r_in, *w.shape[2:])
         previous, error = error, float((norm2 - core.square().sum()).clamp_min(0).sqrt() / norm2.sqrt())
         if previous - error < tol:
             break
-    core = (out_factor.T @ w3.reshape(s_, -1)).reshape(r_out, c_, -1).transpose(1, 2) @ in_factor
-    core = core.transpose(1, 2).reshape(r_out, r_in, *w.shape[2:])
     return core, out_factor, in_factor
 
 

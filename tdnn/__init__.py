@@ -12,6 +12,7 @@ from tdnn.budget import Budget
 from tdnn.compress import compress_model
 from tdnn.config import Config, load_config
 from tdnn.finetune import FinetuneResult, finetune
+from tdnn.inference import InferenceForm, optimize_for_inference
 from tdnn.io import apply_plan, load, save
 from tdnn.layers import CPConv2d, Factorized, SVDConv2d, SVDLinear, Tucker2Conv2d
 from tdnn.merge import merge
@@ -24,6 +25,6 @@ __version__ = "0.1.0"
 __all__ = [
     "finetune", "FinetuneResult", "load_config", "Config",
     "compress_model", "Budget", "Energy", "VBMF", "report", "Report", "LayerRecord", "Plan", "LayerPlan", "LayerSpec",
-    "save", "load", "apply_plan", "merge",
+    "save", "load", "apply_plan", "merge", "optimize_for_inference", "InferenceForm",
     "Factorized", "SVDLinear", "SVDConv2d", "Tucker2Conv2d", "CPConv2d",
 ]

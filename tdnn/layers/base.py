@@ -198,7 +198,9 @@ class Factorized(nn.Sequential):
     def to_dense(self) -> nn.Module:
         """Return the equivalent plain ``nn.Linear`` / ``nn.Conv2d`` (a new module)."""
         weight = self.last.weight
-        layer = self.dense_type(**self.dense_kwargs, device=weight.device, dtype=weight.dtype)
+        # the last factor may have gained a bias since (a BatchNorm folded into it)
+        kwargs = {**self.dense_kwargs, "bias": self.last.bias is not None}
+        layer = self.dense_type(**kwargs, device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             layer.weight.copy_(self.dense_weight())
             if layer.bias is not None:

@@ -1,0 +1,158 @@
+"""optimize_for_inference: BatchNorm folding that is exact and refuses unsafe folds; memory layout."""
+
+import pytest
+import torch
+from torch import nn
+
+import tdnn
+from tdnn.inference import optimize_for_inference
+
+
+def _bn(n: int, cls=nn.BatchNorm2d, **kwargs) -> nn.Module:
+    bn = cls(n, **kwargs)
+    if bn.running_mean is not None:
+        with torch.no_grad():
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.normal_()
+            bn.bias.normal_()
+    return bn
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(4, 8, 3, stride=(2, 1), padding=(1, 2), groups=2, bias=False), _bn(8),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(8 * 5 * 12, 6), _bn(6, nn.BatchNorm1d)).double().eval()
+
+
+def _never(models, example):
+    raise AssertionError("the timer must not run")
+
+
+def test_folds_conv_and_linear_batchnorm_exactly():
+    net, x = _net(), torch.randn(3, 4, 10, 10, dtype=torch.float64)
+    fast = optimize_for_inference(net, x, memory_format="contiguous")
+    assert fast.tdnn_inference.folded == [("0", "1"), ("4", "5")]
+    assert isinstance(fast[1], nn.Identity) and isinstance(fast[5], nn.Identity)
+    assert fast[0].groups == 2 and fast[0].stride == (2, 1) and fast[0].bias is not None
+    assert (fast(x) - net(x)).abs().max() < 1e-12
+    assert isinstance(net[1], nn.BatchNorm2d)  # the original is untouched (inplace=False)
+
+
+def test_folds_into_the_last_factor_and_merge_keeps_the_bias():
+    net, x = _net(), torch.randn(3, 4, 10, 10, dtype=torch.float64)
+    small = tdnn.compress_model(net, ranks={"0": (3, 2), "4": 3}, method="tucker2")
+    fast = optimize_for_inference(small, x, memory_format="contiguous")
+    assert fast.tdnn_inference.folded == [("0.last", "1"), ("4.last", "5")]
+    assert isinstance(fast[0], tdnn.Tucker2Conv2d) and len(fast[0]) == 3
+    assert (fast(x) - small(x)).abs().max() < 1e-12
+    assert (tdnn.merge(fast)(x) - small(x)).abs().max() < 1e-10
+
+
+class _Reused(nn.Module):
+    """The conv's raw output feeds the BatchNorm and a residual sum: folding would be wrong."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), _bn(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+class _Twice(nn.Module):
+    """One conv called twice, each output with its own BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn1, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), _bn(4), _bn(4)
+
+    def forward(self, x):
+        return self.bn1(self.conv(x)) + self.bn2(self.conv(x))
+
+
+class _Tokens(nn.Module):
+    """Linear on (N, L, C) then BatchNorm1d over dim 1 (= L): not the Linear's features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.bn = nn.Linear(5, 5), _bn(5, nn.BatchNorm1d)
+
+    def forward(self, x):
+        return self.bn(self.fc(x))
+
+
+@pytest.mark.parametrize("build, shape", [
+    (lambda: _Reused(), (2, 4, 6, 6)),
+    (lambda: _Twice(), (2, 4, 6, 6)),
+    (lambda: nn.Sequential(nn.Conv2d(4, 4, 3), nn.ReLU(inplace=True), _bn(4)), (2, 4, 6, 6)),
+    (lambda: nn.Sequential(nn.Conv2d(4, 4, 3), _bn(4, track_running_stats=False)), (2, 4, 6, 6)),
+    (lambda: _Tokens(), (2, 5, 5)),
+])
+def test_refuses_folds_that_would_change_the_output(build, shape):
+    torch.manual_seed(1)
+    net = build().double().eval()
+    x = torch.randn(*shape, dtype=torch.float64)
+    fast = optimize_for_inference(net, x, memory_format="contiguous")
+    assert fast.tdnn_inference.folded == []
+    assert (fast(x) - net(x)).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("fastest", ["channels_last", "contiguous"])
+def test_auto_layout_keeps_the_faster_one(fastest):
+    net, x = _net().float(), torch.randn(3, 4, 10, 10)
+    seen = {}
+
+    def timer(models, example):
+        seen.update(models)
+        return {name: 1.0 if name == fastest else 2.0 for name in models}
+
+    fast = optimize_for_inference(net, x, timer=timer)
+    assert sorted(seen) == ["channels_last", "contiguous"]
+    assert fast.tdnn_inference.memory_format == fastest
+    assert fast.tdnn_inference.seconds == {fastest: 1.0, ({"channels_last", "contiguous"} - {fastest}).pop(): 2.0}
+    weight = fast[0].weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) == (fastest == "channels_last")
+    assert weight.is_contiguous() == (fastest == "contiguous")
+    torch.testing.assert_close(fast(x), net(x), rtol=1e-4, atol=1e-5)
+
+
+def test_real_timer_and_non_tensor_examples():
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 8, 3), _bn(8)
+
+        def forward(self, x, scale):
+            return self.bn(self.conv(x)) * scale
+
+    torch.manual_seed(0)
+    net = TwoInputs().eval()
+    for example in [(torch.randn(2, 3, 12, 12), 2.0), {"x": torch.randn(2, 3, 12, 12), "scale": 2.0}]:
+        fast = optimize_for_inference(net, example)
+        form = fast.tdnn_inference
+        assert form.folded == [("conv", "bn")] and set(form.seconds) == {"channels_last", "contiguous"}
+        assert form.memory_format == min(form.seconds, key=form.seconds.get)
+        args = example if isinstance(example, tuple) else tuple(example.values())
+        torch.testing.assert_close(fast(*args), net(*args), rtol=1e-4, atol=1e-5)
+
+
+def test_models_without_convolutions_skip_the_timing_and_training_mode_is_left():
+    net = nn.Sequential(nn.Linear(4, 4), _bn(4, nn.BatchNorm1d)).train()
+    fast = optimize_for_inference(net, torch.randn(3, 4), timer=_never)
+    assert not fast.training and net.training
+    assert fast.tdnn_inference.memory_format == "contiguous" and fast.tdnn_inference.seconds == {}
+    assert fast.tdnn_inference.folded == [("0", "1")]
+
+
+def test_inplace_and_no_folding():
+    net, x = _net(), torch.randn(2, 4, 10, 10, dtype=torch.float64)
+    same = optimize_for_inference(net, x, fold_batchnorm=False, memory_format="channels_last", inplace=True)
+    assert same is net and isinstance(net[1], nn.BatchNorm2d) and same.tdnn_inference.folded == []
+    assert net[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_bad_memory_format():
+    with pytest.raises(ValueError, match="memory_format"):
+        optimize_for_inference(_net(), torch.randn(1, 4, 10, 10), memory_format="nhwc")

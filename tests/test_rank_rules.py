@@ -147,3 +147,21 @@ def test_real_timer_runs_and_returns_a_ratio():
     dense = nn.Linear(256, 256)
     ratio = latency_ratio(dense, tdnn.SVDLinear.from_dense(dense, 4), torch.randn(32, 256), repeats=3)
     assert 0 < ratio < 100
+
+
+def test_conv_latency_counts_each_module_in_its_faster_layout(monkeypatch):
+    from tdnn import latency
+    calls = []
+
+    def fake(models, x, **kwargs):  # factorized is slow in NCHW, fast in channels_last
+        last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        assert all(m.weight.is_contiguous(memory_format=torch.channels_last) == last
+                   for m in models.values()) and x.shape == (2, 8, 6, 6)
+        calls.append(last)
+        return {"dense": 1.5, "factorized": 0.9} if last else {"dense": 1.0, "factorized": 2.0}
+
+    monkeypatch.setattr(latency, "latencies", fake)
+    dense = nn.Conv2d(8, 8, 3, padding=1)
+    small = nn.Conv2d(8, 8, 3, padding=1)  # stands in for the factorized form: only timing matters
+    assert latency.latency_ratio(dense, small, torch.randn(2, 8, 6, 6)) == pytest.approx(0.9)
+    assert calls == [False, True] and dense.weight.is_contiguous()

@@ -8,6 +8,7 @@ context, so a user's own tensorly code keeps its backend.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -158,42 +159,45 @@ def cp(
         _, factors = initialize_cp(w, rank, init="svd", svd=_tensorly_svd, random_state=SEED)
     dtype = torch.float32 if w.numel() >= 2 ** 20 else torch.float64
     w = w.to(dtype)
-    a, b, h, v = (f.to(dtype) for f in factors)
     s_, c_, kh, kw = w.shape
     w_out = w.reshape(s_, -1)                        # (S, C·kh·kw)
     w_in = w.transpose(0, 1).reshape(c_, -1)         # (C, S·kh·kw)
     norm2, error = float(w.double().square().sum()), float("inf")
 
-    def solve(mttkrp: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
-        gram = others[0].T @ others[0]
-        for f in others[1:]:
-            gram = gram * (f.T @ f)
-        ridge = 1e-10 * gram.diagonal().mean().clamp_min(1e-30)
-        eye = torch.eye(gram.shape[0], dtype=gram.dtype)
-        return torch.linalg.solve(gram + ridge * eye, mttkrp.T).T
+    fs = [f.to(dtype) for f in factors]              # out (S, R), in (C, R), vertical, horizontal
+    grams = [f.T @ f for f in fs]                    # R×R, refreshed as each factor changes
 
-    def khatri_rao(*fs: torch.Tensor) -> torch.Tensor:
-        out = fs[0]
-        for f in fs[1:]:
+    def update(i: int, mttkrp: torch.Tensor) -> torch.Tensor:
+        """Least-squares factor ``i`` given the others, from its MTTKRP and the Hadamard of Grams."""
+        gram = math.prod(g for j, g in enumerate(grams) if j != i)
+        gram.diagonal().add_(1e-10 * gram.diagonal().mean().clamp_min(1e-30))  # ridge
+        # the ridged Gram is positive definite: Cholesky, unless rounding says otherwise
+        chol, info = torch.linalg.cholesky_ex(gram)
+        fs[i] = (torch.cholesky_solve(mttkrp.T, chol) if int(info) == 0 else torch.linalg.solve(gram, mttkrp.T)).T
+        grams[i] = fs[i].T @ fs[i]
+        return fs[i]
+
+    def khatri_rao(*factors: torch.Tensor) -> torch.Tensor:
+        out = factors[0]
+        for f in factors[1:]:
             out = (out[:, None, :] * f[None, :, :]).reshape(-1, rank)
         return out
 
     for _ in range(n_iter_max):
-        a = solve(w_out @ khatri_rao(b, h, v), b, h, v)
-        b = solve(w_in @ khatri_rao(a, h, v), a, h, v)
+        a = update(0, w_out @ khatri_rao(fs[1], fs[2], fs[3]))
+        b = update(1, w_in @ khatri_rao(a, fs[2], fs[3]))
         t = (a.T @ w_out).reshape(rank, c_, kh, kw)                  # contract S once for both
         tb = torch.einsum("rcij,cr->rij", t, b)
-        h = solve(torch.einsum("rij,jr->ir", tb, v), a, b, v)
+        h = update(2, torch.einsum("rij,jr->ir", tb, fs[3]))
         mttkrp_v = torch.einsum("rij,ir->jr", tb, h)
-        v = solve(mttkrp_v, a, b, h)
+        v = update(3, mttkrp_v)
         # ‖W − Ŵ‖² = ‖W‖² − 2⟨W, Ŵ⟩ + ‖Ŵ‖², all from R×R products
         inner = float((mttkrp_v * v).sum())
-        grams = (a.T @ a) * (b.T @ b) * (h.T @ h) * (v.T @ v)
-        previous, error = error, max(norm2 - 2 * inner + float(grams.sum()), 0.0) ** 0.5 / norm2 ** 0.5
+        previous, error = error, max(norm2 - 2 * inner + float(math.prod(grams).sum()), 0.0) ** 0.5 / norm2 ** 0.5
         if previous - error < tol * previous:
             break
 
-    factors = [f.double() for f in (a, b, h, v)]
+    factors = [f.double() for f in fs]
     norms = torch.stack([f.norm(dim=0) for f in factors])            # (4, R)
     scale = norms.prod(0).pow(1 / 4)
     return tuple(f / n.clamp_min(1e-300) * scale for f, n in zip(factors, norms))

@@ -92,5 +92,8 @@ class CPConv2d(Factorized):
         copy_into(self.last.weight, out)
 
     def dense_weight(self) -> torch.Tensor:
-        return torch.einsum("sr,rc,ri,rj->scij", self.last.weight.flatten(1), self.first.weight.flatten(1),
-                            self.vertical.weight.flatten(1), self.horizontal.weight.flatten(1))
+        first, last = self.first.weight.flatten(1), self.last.weight.flatten(1)       # (R, C), (S, R)
+        vertical, horizontal = self.vertical.weight.flatten(1), self.horizontal.weight.flatten(1)
+        # one (R, C·kh·kw) rank-one stack, then one matmul: a 4-operand einsum takes seconds here
+        ones = first[:, :, None, None] * vertical[:, None, :, None] * horizontal[:, None, None, :]
+        return (last @ ones.flatten(1)).reshape(last.shape[0], *ones.shape[1:])

@@ -7,13 +7,14 @@ interleaved so machine noise hits both), and the time compression took. tensorly
 ``FactorizedConv.from_conv`` (Tucker, factorized implementation) on the same 3×3 convs is the
 reference to beat.
 
-Three speedups per batch size, all against the dense model as built (``dense ms``):
-``plain`` — the compressed model as ``compress_model`` returns it; ``opt`` — after
-``tdnn.optimize_for_inference`` (BatchNorm folded, memory layout measured); ``opt/opt`` — the
-same optimisation applied to the dense model too, the like-for-like ratio.
+Speedups per batch size: ``plain`` — the compressed model as ``compress_model`` returns it,
+against the dense model as built (``dense ms``); ``opt`` — after ``tdnn.optimize_for_inference``
+(BatchNorm folded, memory layout measured), against the same dense model; ``opt/opt`` — the
+dense model optimised the same way, the like-for-like ratio; ``compiled`` — both optimised
+models under ``torch.compile`` (inductor, weights frozen), like for like.
 
     python benchmarks/speed.py            # full table (about 20 minutes on 2 cores)
-    python benchmarks/speed.py --quick    # smaller inputs, fewer runs
+    python benchmarks/speed.py --quick    # smaller inputs, fewer runs, no torch.compile
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch._inductor.config
 import torchvision
 from torch import nn
 
@@ -107,7 +109,7 @@ def example(name: str, batch: int, size: int) -> torch.Tensor:
     return torch.randn(batch, 128, 768) if name == "mlp" else torch.randn(batch, 3, size, size)
 
 
-def measure(setting: Setting, *, size: int, repeats: int,
+def measure(setting: Setting, *, size: int, repeats: int, compile: bool,
             optimised_dense: dict[tuple[str, int], nn.Module]) -> dict[str, object]:
     """One table row; ``optimised_dense`` caches the optimised dense model per (model, batch)."""
     dense = build(setting.model)
@@ -127,11 +129,15 @@ def measure(setting: Setting, *, size: int, repeats: int,
             optimised_dense[key] = tdnn.optimize_for_inference(dense, x)
         models = {"dense": dense, "small": small, "dense opt": optimised_dense[key],
                   "small opt": tdnn.optimize_for_inference(small, x)}
+        if compile:  # compiled in the first (warm-up) call, under inference_mode
+            torch._dynamo.reset()
+            models |= {"dense comp": torch.compile(models["dense opt"]), "small comp": torch.compile(models["small opt"])}
         t = latencies(models, x, repeats=repeats if batch == 1 else max(3, repeats // 3))
         row[f"bs{batch} dense ms"] = 1e3 * t["dense"]
         row[f"bs{batch} plain"] = t["dense"] / t["small"]
         row[f"bs{batch} opt"] = t["dense"] / t["small opt"]
         row[f"bs{batch} opt/opt"] = t["dense opt"] / t["small opt"]
+        row[f"bs{batch} compiled"] = t["dense comp"] / t["small comp"] if compile else None
     return row
 
 
@@ -144,14 +150,14 @@ def _flops(model: nn.Module, x: torch.Tensor) -> int:
 
 
 def table(rows: list[dict[str, object]]) -> str:
-    cols = ["model", "setting", "params", "flops", "bs1 dense ms", "bs1 plain", "bs1 opt", "bs1 opt/opt",
-            "bs32 dense ms", "bs32 plain", "bs32 opt", "bs32 opt/opt", "compress s"]
+    cols = ["model", "setting", "params", "flops", *(f"bs{b} {c}" for b in (1, 32)
+            for c in ("dense ms", "plain", "opt", "opt/opt", "compiled")), "compress s"]
     fmt = {"params": "x{:.2f}", "flops": "x{:.2f}", "bs1 dense ms": "{:.1f}", "bs32 dense ms": "{:.0f}",
            "compress s": "{:.1f}"}
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
-        lines.append("| " + " | ".join(fmt.get(c, "{:.2f}x" if "bs" in c else "{}").format(row[c])
-                                       for c in cols) + " |")
+        lines.append("| " + " | ".join("-" if row[c] is None else fmt.get(c, "{:.2f}x" if "bs" in c else "{}")
+                                       .format(row[c]) for c in cols) + " |")
     return "\n".join(lines)
 
 
@@ -159,7 +165,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="112×112 images, fewer repeats")
     parser.add_argument("--only", default="", help="run settings whose model or label contains this")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile columns")
     args = parser.parse_args(argv)
+    compile = not (args.quick or args.no_compile)
+    # CPU inference with inductor: weights become constants (prepacked for oneDNN, BN folded)
+    torch._inductor.config.freezing = True
     size, repeats = (112, 5) if args.quick else (224, 9)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, images {size}x{size}", flush=True)
     rows: list[dict[str, object]] = []
@@ -167,7 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     for setting in SETTINGS:
         if args.only and args.only not in f"{setting.model} {setting.label}":
             continue
-        rows.append(measure(setting, size=size, repeats=repeats, optimised_dense=optimised_dense))
+        rows.append(measure(setting, size=size, repeats=repeats, compile=compile,
+                            optimised_dense=optimised_dense))
         print(table(rows[-1:]).splitlines()[-1], flush=True, file=sys.stderr)
     print(table(rows))
 

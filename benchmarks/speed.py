@@ -129,16 +129,30 @@ def measure(setting: Setting, *, size: int, repeats: int, compile: bool,
             optimised_dense[key] = tdnn.optimize_for_inference(dense, x)
         models = {"dense": dense, "small": small, "dense opt": optimised_dense[key],
                   "small opt": tdnn.optimize_for_inference(small, x)}
-        if compile:  # compiled in the first (warm-up) call, under inference_mode
-            torch._dynamo.reset()
-            models |= {"dense comp": torch.compile(models["dense opt"]), "small comp": torch.compile(models["small opt"])}
+        compiled = _compiled(models["dense opt"], models["small opt"], x) if compile else None
+        if compiled is not None:
+            models |= compiled
         t = latencies(models, x, repeats=repeats if batch == 1 else max(3, repeats // 3))
         row[f"bs{batch} dense ms"] = 1e3 * t["dense"]
         row[f"bs{batch} plain"] = t["dense"] / t["small"]
         row[f"bs{batch} opt"] = t["dense"] / t["small opt"]
         row[f"bs{batch} opt/opt"] = t["dense opt"] / t["small opt"]
-        row[f"bs{batch} compiled"] = t["dense comp"] / t["small comp"] if compile else None
+        row[f"bs{batch} compiled"] = None if compiled is None else t["dense comp"] / t["small comp"]
     return row
+
+
+def _compiled(dense: nn.Module, small: nn.Module, x: torch.Tensor) -> dict[str, nn.Module] | None:
+    """Both models under torch.compile, compiled now; ``None`` if inductor fails on either."""
+    torch._dynamo.reset()
+    models = {"dense comp": torch.compile(dense), "small comp": torch.compile(small)}
+    try:
+        with torch.inference_mode():
+            for model in models.values():
+                model(x)
+    except Exception as err:  # e.g. tensorly-torch's FactorizedConv under inductor
+        print(f"torch.compile failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}", file=sys.stderr)
+        return None
+    return models
 
 
 def _flops(model: nn.Module, x: torch.Tensor) -> int:

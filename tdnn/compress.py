@@ -233,9 +233,10 @@ def compress_model(model: nn.Module, ranks: Any = None, *, method: str = "auto",
         damping: relative damping of the input covariance (keeps whitening stable and the
             factors close to the weights in directions the calibration data never visits).
         latency_aware: time each factorized layer against its dense original on the current
-            device (interleaved runs, input size from the first calibration batch) and keep the
-            dense layer where the factorized one is not faster; the measured ratios go into the
-            plan and the report. A callable ``(dense, factorized, x) -> ratio`` replaces the timer.
+            device (interleaved runs, input size from the first calibration batch, convolutions
+            each in its faster memory layout, see :func:`tdnn.latency.latency_ratio`) and keep
+            the dense layer where the factorized one is not faster; the measured ratios go into
+            the plan and the report. A callable ``(dense, factorized, x) -> ratio`` replaces the timer.
         progress: show progress bars.
 
     Returns:

@@ -155,3 +155,23 @@ def test_loaded_checkpoint_exports_like_the_original(tmp_path):
     program = torch.export.export(loaded, (x,))
     assert torch.equal(program.module()(x), small(x))
     assert torch.equal(tdnn.merge(loaded)(x), tdnn.merge(small)(x))
+
+
+def test_optimised_model_exports_and_runs_in_onnxruntime(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(16 * 4 * 4, 10))
+    net.train()(torch.randn(64, 3, 8, 8))  # BatchNorm statistics that are not the identity
+    small = tdnn.compress_model(net.eval(), ranks=0.5)
+    fast = tdnn.optimize_for_inference(small, inputs(), memory_format="channels_last")
+    assert len(fast.tdnn_inference.folded) == 2 and not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    x = inputs(5)
+    program = torch.export.export(fast, (inputs(),), dynamic_shapes={"input": {0: torch.export.Dim("batch")}})
+    torch.testing.assert_close(program.module()(x), small(x), rtol=0, atol=ATOL)
+    path = tmp_path / "fast.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(fast, (inputs(),), path, dynamo=True, input_names=["x"],
+                          dynamic_shapes={"input": {0: "batch"}}, verbose=False)
+    np.testing.assert_allclose(run_onnx(path, x), small(x).detach().numpy(), rtol=0, atol=ATOL)

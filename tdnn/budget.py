@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from tdnn.layers.base import Factorized, dense_kwargs
+from tdnn.cost import layer_cost
+from tdnn.layers.base import Factorized
 
 LEVELS = 128  # candidate ranks per layer; steps of <1% of a layer keep the total within 1%
 
@@ -65,50 +64,15 @@ class Candidate:
     input_shape: tuple[int, ...] | None = None
 
 
-def module_flops(module: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """FLOPs of one forward of ``module`` on an input of ``input_shape`` (counted on meta tensors)."""
-    with FlopCounterMode(display=False) as counter:
-        module(torch.empty(input_shape, device="meta", dtype=next(module.parameters()).dtype))
-    return counter.get_total_flops()
-
-
-def _cost(kind: str, module: nn.Module, input_shape: tuple[int, ...] | None) -> int:
-    if kind == "params":
-        return sum(p.numel() for p in module.parameters())
-    return module_flops(module, input_shape)
-
-
-def dense_cost(kind: str, layer: nn.Module, input_shape: tuple[int, ...] | None) -> int:
-    """Parameters or FLOPs of a dense layer (FLOPs counted on a meta-device twin)."""
-    return _option_cost(kind, None, _signature(layer), None, input_shape)
-
-
-def _signature(layer: nn.Module) -> tuple:
-    kwargs = dense_kwargs(layer)
-    base = nn.Linear if isinstance(layer, nn.Linear) else nn.Conv2d
-    return base, layer.weight.dtype, tuple(sorted(kwargs.items()))
-
-
-@lru_cache(maxsize=65536)
-def _option_cost(kind: str, cls: type[Factorized] | None, signature: tuple, rank: Any,
-                 input_shape: tuple[int, ...] | None) -> int:
-    # Cached by layer signature: networks repeat the same layer shapes many times.
-    base, dtype, kwargs = signature
-    meta = base(**dict(kwargs), device="meta", dtype=dtype)
-    module = meta if cls is None else cls.structure(meta, rank, device="meta")
-    return _cost(kind, module, input_shape)
-
-
 def _options(c: Candidate, kind: str) -> list[tuple[int, float, Any]]:
     """``(cost, estimated error, rank)`` for a subsample of ranks, cheapest first; ``None`` = dense."""
     levels = c.cls.rank_levels(c.layer)
     step = max(1, len(levels) // LEVELS)
     picks = levels[::step] if levels[-1] in levels[::step] else [*levels[::step], levels[-1]]
-    signature = _signature(c.layer)
-    dense = _option_cost(kind, None, signature, None, c.input_shape)
+    dense = layer_cost(kind, c.layer, input_shape=c.input_shape)
     options = []
     for rank in picks:
-        cost = _option_cost(kind, c.cls, signature, rank, c.input_shape)
+        cost = layer_cost(kind, c.layer, c.cls, rank, c.input_shape)
         if cost < dense:
             options.append((cost, c.cls.estimate_error(c.spectra, rank), rank))
     options.append((dense, 0.0, None))

@@ -15,12 +15,13 @@ from tqdm.auto import tqdm
 
 from tdnn import calibrate, walk
 from tdnn.batches import call
-from tdnn.budget import Budget, Candidate, allocate, dense_cost
+from tdnn.budget import Budget, Candidate, allocate
 from tdnn.calibrate import Whitening
+from tdnn.cost import layer_cost
 from tdnn.latency import LatencyTimer, latency_ratio
 from tdnn.layers import CPConv2d, Factorized, SVDConv2d, SVDLinear, Tucker2Conv2d
 from tdnn.plan import PLAN_ATTR, LayerPlan, Plan
-from tdnn.ranks import (NO_ENTRY, VBMF, Energy, RankRule, check_method, dense_param_count, param_count,
+from tdnn.ranks import (NO_ENTRY, VBMF, Energy, RankRule, check_method, dense_param_count,
                         rank_for_ratio, rank_from_spectra)
 
 # Methods for k×k convolutions; a new method is one more entry here.
@@ -124,7 +125,7 @@ def _rank(layer: _Layer) -> Any:
 
 def _accept(layer: _Layer, rank: Any) -> None:
     """Record ``rank`` in the plan, or keep the layer dense if that would not save parameters."""
-    factor_params, dense_params = param_count(layer.cls, layer.module, rank), dense_param_count(layer.module)
+    factor_params, dense_params = layer_cost("params", layer.module, layer.cls, rank), dense_param_count(layer.module)
     if factor_params >= dense_params:
         layer.entry.reason = (f"{layer.cls.method} at rank {rank} would have {factor_params} "
                               f"parameters, not fewer than the dense {dense_params}")
@@ -155,7 +156,7 @@ def _allocate(model: nn.Module, layers: list[_Layer], budget: Budget,
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             call(model, batches[0])
         total = counter.get_total_flops()
-    fixed = total - sum(dense_cost(budget.kind, c.layer, c.input_shape) for c in candidates)
+    fixed = total - sum(layer_cost(budget.kind, c.layer, input_shape=c.input_shape) for c in candidates)
     for l, rank in zip(layers, allocate(candidates, budget, total=total, fixed=fixed).values()):
         if rank is None:
             l.entry.reason, l.cls = "the budget keeps this layer dense", None

@@ -27,6 +27,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
+from tdnn.cost import layer_cost
 from tdnn.layers.base import Factorized
 from tdnn.vbmf import evbmf_rank
 
@@ -139,12 +140,12 @@ def rank_from_spectra(cls: type[Factorized], layer: nn.Module, rule: Energy | VB
         raise ValueError(f"{name}: energy and VBMF ranks are defined for svd and tucker2, not cp; "
                          "give a cp layer an int or a ratio")
     ranks = []
-    one_group = cls.targets(layer, name=name)[0][0]
-    for s, matrix in zip(spectra, cls.unfoldings(one_group)):
-        if isinstance(rule, Energy):
+    if isinstance(rule, Energy):
+        for s in spectra:
             share = s.square().cumsum(0) / s.square().sum().clamp_min(1e-300)
             ranks.append(min(int((share < rule.fraction - 1e-12).sum()) + 1, s.numel()))
-        else:
+    else:  # VBMF also needs the shape of each unfolding (of one group)
+        for s, matrix in zip(spectra, cls.unfoldings(cls.targets(layer, name=name)[0][0])):
             ranks.append(evbmf_rank(s.numpy(), tuple(matrix.shape)))
     return ranks[0] if len(ranks) == 1 else tuple(ranks)
 
@@ -216,11 +217,6 @@ class RankRule:
         return [key for key in keys if key not in self._used]
 
 
-def param_count(cls: type[Factorized], layer: nn.Module, rank: Any) -> int:
-    """Parameters of ``cls`` at ``rank`` for ``layer``, counted on the meta device."""
-    return sum(p.numel() for p in cls.structure(layer, rank, device="meta").parameters())
-
-
 def dense_param_count(layer: nn.Module) -> int:
     """Parameters of the dense layer (weight and bias)."""
     return sum(p.numel() for p in layer.parameters(recurse=False))
@@ -236,7 +232,7 @@ def rank_for_ratio(cls: type[Factorized], layer: nn.Module, ratio: float) -> Any
     lo, hi = 0, len(levels) - 1  # parameter counts grow with the level: bisect
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if param_count(cls, layer, levels[mid]) <= budget:
+        if layer_cost("params", layer, cls, levels[mid]) <= budget:
             lo = mid
         else:
             hi = mid - 1

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_weights
 
 from tdnn import walk
 from tdnn.batches import call
@@ -53,7 +53,9 @@ def _foldable_pairs(model: nn.Module, example: Any) -> list[tuple[str, str]]:
     """``(layer, batchnorm)`` names where, on ``example``, a BatchNorm's input *is* the unmodified
     output of a Conv2d (BatchNorm2d) or of a Linear with 2-D output (BatchNorm1d), each module
     called once, the layer's weight not shared with another module."""
-    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    names: dict[int, str] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), name)  # a module under several names: its first, as in the plan
     owners = Counter(id(p) for m in model.modules() for p in m.parameters(recurse=False))
     calls: Counter[str] = Counter()
     outputs: dict[str, tuple[weakref.ref, int]] = {}  # layer -> (its output, the output's version)
@@ -75,13 +77,15 @@ def _foldable_pairs(model: nn.Module, example: Any) -> list[tuple[str, str]]:
 
     handles = []
     for module in model.modules():
+        if _hooked(module):  # a user's hook would see a different tensor after folding
+            continue
         if type(module) in (nn.Conv2d, nn.Linear) and owners[id(module.weight)] == 1:
             handles.append(module.register_forward_hook(layer_hook))
         elif (type(module) in (nn.BatchNorm2d, nn.BatchNorm1d) and module.running_mean is not None
               and module.running_var is not None):
             handles.append(module.register_forward_pre_hook(bn_hook))
     try:
-        with torch.no_grad():
+        with torch.no_grad():  # (not inference_mode: its tensors have no version counter)
             call(model, example)
     finally:
         for handle in handles:
@@ -89,59 +93,77 @@ def _foldable_pairs(model: nn.Module, example: Any) -> list[tuple[str, str]]:
     return [(layer, bn) for layer, bn in pairs if calls[layer] == 1 and calls[bn] == 1]
 
 
+def _hooked(module: nn.Module) -> bool:
+    return any(getattr(module, attr) for attr in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+                                                  "_forward_pre_hooks_with_kwargs"))
+
+
+def _fused(layer: nn.Module, bn: nn.Module) -> nn.Module:
+    if isinstance(layer, nn.Conv2d):
+        return fuse_conv_bn_eval(layer, bn)
+    fused = copy.deepcopy(layer)
+    gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)  # affine=False
+    beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
+    fused.weight, fused.bias = fuse_linear_bn_weights(layer.weight, layer.bias, bn.running_mean, bn.running_var,
+                                                      bn.eps, gamma, beta)
+    return fused
+
+
 def _fold(model: nn.Module, pairs: list[tuple[str, str]]) -> nn.Module:
     """``model`` with each pair's BatchNorm folded into its layer (and replaced by ``nn.Identity``)."""
     replacements: dict[int, nn.Module] = {}
     for layer_name, bn_name in pairs:
         layer, bn = model.get_submodule(layer_name), model.get_submodule(bn_name)
-        fuse = fuse_conv_bn_eval if isinstance(layer, nn.Conv2d) else fuse_linear_bn_eval
-        replacements[id(layer)], replacements[id(bn)] = fuse(layer, bn), nn.Identity()
+        replacements[id(layer)], replacements[id(bn)] = _fused(layer, bn), nn.Identity()
     return walk.swap(model, replacements)
 
 
-def _close(got: Any, want: list[torch.Tensor]) -> bool:
+def _double(batch: Any) -> Any:
+    """``batch`` with its floating-point tensors in float64 (integer ones, e.g. token ids, as they are)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.double() if batch.is_floating_point() else batch
+    if isinstance(batch, dict):
+        return {k: _double(v) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_double(v) for v in batch)
+    return batch
+
+
+def _close(got: Any, want: list[torch.Tensor], tol: float) -> bool:
     got = _tensors(got)
-    if len(got) != len(want):
-        return False
-    for a, b in zip(got, want):
-        tol = max(1e-4, 50 * torch.finfo(b.dtype).eps) if b.is_floating_point() else 0.0
-        err = (a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)
-        if a.shape != b.shape or not err <= tol:
-            return False
-    return True
+    return len(got) == len(want) and all(
+        a.shape == b.shape and bool((a.double() - b.double()).norm() <= tol * b.double().norm())
+        for a, b in zip(got, want))
 
 
 @torch.no_grad()
 def _fold_checked(model: nn.Module, example: Any) -> tuple[nn.Module, list[tuple[str, str]]]:
-    """Fold every foldable pair, then check the outputs on ``example``. A pair whose layer output is
-    also read elsewhere (invisible to hooks) changes them: then each pair is checked alone."""
-    pairs = _foldable_pairs(model, example)
-    if not pairs:
+    """Fold every foldable pair found on ``example`` if the outputs still match; a pair whose layer
+    output is also read elsewhere (invisible to hooks) changes them: then each pair is checked
+    alone, and the survivors together. Half-precision models are checked on a float64 copy."""
+    probe, batch, tol = model, example, 1e-4
+    if any(p.is_floating_point() and p.dtype not in (torch.float32, torch.float64) for p in model.parameters()):
+        probe, batch = copy.deepcopy(model).double(), _double(example)
+    if next(probe.parameters(), torch.empty(0)).dtype == torch.float64:
+        tol = 1e-9
+    pairs = _foldable_pairs(probe, batch)
+    want = _tensors(call(probe, batch))
+    if not pairs or not want:  # nothing to fold, or no tensor output to check a fold against
         return model, []
-    want = _tensors(call(model, example))
-    if _close(call(_fold(copy.deepcopy(model), pairs), example), want):
-        return _fold(model, pairs), pairs
-    pairs = [p for p in pairs if _close(call(_fold(copy.deepcopy(model), [p]), example), want)]
+
+    def good(chosen: list[tuple[str, str]]) -> bool:
+        return _close(call(_fold(copy.deepcopy(probe), chosen), batch), want, tol)
+
+    if not good(pairs):
+        pairs = [p for p in pairs if good([p])]
+        if pairs and not good(pairs):
+            pairs = []
     return _fold(model, pairs), pairs
 
 
 def _timed(models: dict[str, nn.Module], example: Any) -> dict[str, float]:
     """The default :data:`ModelTimer`: interleaved median latency, short (whole models are slow)."""
-    if isinstance(example, torch.Tensor):
-        return latencies(models, example, warmup=1, repeats=5)
-    wrapped = {name: _Caller(model, example) for name, model in models.items()}
-    return latencies(wrapped, torch.empty(0), warmup=1, repeats=5)
-
-
-class _Caller(nn.Module):
-    """Calls a model on a fixed (tuple or dict) example, so the tensor timer can run it."""
-
-    def __init__(self, model: nn.Module, example: Any) -> None:
-        super().__init__()
-        self.model, self.example = model, example
-
-    def forward(self, _: torch.Tensor) -> Any:
-        return call(self.model, self.example)
+    return latencies(models, example, warmup=1, repeats=5)
 
 
 def optimize_for_inference(model: nn.Module, example: Any, *, fold_batchnorm: bool = True,
@@ -153,7 +175,9 @@ def optimize_for_inference(model: nn.Module, example: Any, *, fold_batchnorm: bo
     Works on any model, dense or compressed: a BatchNorm after a factorized layer folds into its
     last factor, so a Tucker-2 chain stays three convolutions. Folding is exact up to rounding.
     Which BatchNorm reads which layer is seen by running ``example`` (no tracing, so any Python
-    control flow is fine); a fold is kept only if the outputs on ``example`` still match.
+    control flow is fine); a fold is kept only if the outputs on ``example`` still match, and
+    layers or BatchNorms carrying forward hooks are left alone. The result is a plain module for
+    ``torch.save`` / ``torch.export``: ``tdnn.load`` rebuilds the unfolded architecture.
     The result is for inference and export (``torch.compile``, ``torch.export``, ONNX): it has no
     BatchNorm left to train. ``channels_last`` weights make convolutions produce channels_last
     outputs whatever the input layout; values are the same.
@@ -184,20 +208,23 @@ def optimize_for_inference(model: nn.Module, example: Any, *, fold_batchnorm: bo
     """
     if memory_format not in ("auto", *FORMATS):
         raise ValueError(f"memory_format must be 'auto', 'channels_last' or 'contiguous', got {memory_format!r}")
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        raise ValueError("optimize_for_inference needs real weights; this model has tensors on the meta device")
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
     form = InferenceForm()
-    if fold_batchnorm:
-        model, form.folded = _fold_checked(model, example)
-    if memory_format == "auto":
-        if any(p.dim() == 4 for p in model.parameters()):
-            layouts = {"contiguous": model, "channels_last": copy.deepcopy(model).to(memory_format=torch.channels_last)}
-            form.seconds = dict((timer or _timed)(layouts, example))
-            memory_format = min(form.seconds, key=form.seconds.__getitem__)
-        else:
-            memory_format = "contiguous"
-    form.memory_format = memory_format
-    model = model.to(memory_format=FORMATS[memory_format])
+    with torch.inference_mode(False):  # new weights must be ordinary tensors, even in a caller's inference_mode
+        if fold_batchnorm:
+            model, form.folded = _fold_checked(model, example)
+        if memory_format == "auto":
+            if any(p.dim() == 4 for p in model.parameters()):
+                layouts = {name: copy.deepcopy(model).to(memory_format=layout) for name, layout in FORMATS.items()}
+                form.seconds = dict((timer or _timed)(layouts, example))
+                memory_format = min(form.seconds, key=form.seconds.__getitem__)
+            else:
+                memory_format = "contiguous"
+        form.memory_format = memory_format
+        model = model.to(memory_format=FORMATS[memory_format])
     setattr(model, INFERENCE_ATTR, form)
     return model

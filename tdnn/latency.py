@@ -1,4 +1,4 @@
-"""Wall-clock comparison of a factorized layer against its dense original."""
+"""Wall-clock timing of modules against each other, interleaved so machine noise hits all alike."""
 
 from __future__ import annotations
 
@@ -6,24 +6,40 @@ import copy
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
+
+from tdnn.batches import call
 
 # (dense, factorized, example input) -> factorized latency / dense latency
 LatencyTimer = Callable[[nn.Module, nn.Module, torch.Tensor], float]
 
 
-def _sync(x: torch.Tensor) -> None:
-    if x.device.type == "cuda":
-        torch.cuda.synchronize(x.device)
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+class Bound(nn.Module):
+    """A module bound to its own input, so modules with different inputs can be timed together:
+    ``Bound(m, batch)()`` runs ``m`` on ``batch`` (a tensor, tuple of arguments or dict of keywords)."""
+
+    def __init__(self, module: nn.Module, batch: Any) -> None:
+        super().__init__()
+        self.module, self.batch = module, batch
+
+    def forward(self) -> Any:
+        return call(self.module, self.batch)
 
 
 @torch.inference_mode()
-def latencies(models: dict[str, nn.Module], x: torch.Tensor, *, warmup: int = 2,
+def latencies(models: dict[str, nn.Module], batch: Any, *, warmup: int = 2,
               repeats: int = 9) -> dict[str, float]:
-    """Median seconds per call of each module on ``x``, timed interleaved (A, B, A, B, ...) so
-    drift and load from other processes hit every module alike.
+    """Median seconds per call of each module on ``batch`` (a tensor, a tuple of arguments or a
+    dict of keyword arguments), timed interleaved (A, B, A, B, ...) so drift and load from other
+    processes hit every module alike. CUDA work is synchronised around each call.
 
     Example:
         >>> import torch
@@ -33,14 +49,14 @@ def latencies(models: dict[str, nn.Module], x: torch.Tensor, *, warmup: int = 2,
     """
     for module in models.values():
         for _ in range(warmup):
-            module(x)
+            call(module, batch)
     times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(repeats):
         for name, module in models.items():
-            _sync(x)
+            _sync()
             start = time.perf_counter()
-            module(x)
-            _sync(x)
+            call(module, batch)
+            _sync()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
@@ -49,9 +65,9 @@ def latency_ratio(dense: nn.Module, factorized: nn.Module, x: torch.Tensor, *,
                   warmup: int = 2, repeats: int = 9) -> float:
     """Median latency of ``factorized(x)`` over median latency of ``dense(x)`` on ``x``'s device.
 
-    The two run interleaved (:func:`latencies`). For a 4-D input both are timed again in
-    ``channels_last`` (weights and input) and each counts in its faster layout, the one
-    :func:`tdnn.optimize_for_inference` would pick. Below 1 the factorized layer is faster.
+    The two run interleaved (:func:`latencies`). For a 4-D input each is timed in both memory
+    layouts (contiguous and ``channels_last``, weights and input; all four interleaved) and
+    counts in its faster one. Below 1 the factorized layer is faster.
 
     Example:
         >>> import torch, tdnn
@@ -61,9 +77,13 @@ def latency_ratio(dense: nn.Module, factorized: nn.Module, x: torch.Tensor, *,
         True
     """
     models = {"dense": dense, "factorized": factorized}
-    runs = [latencies(models, x, warmup=warmup, repeats=repeats)]
-    if x.dim() == 4:
-        last = {name: copy.deepcopy(m).to(memory_format=torch.channels_last) for name, m in models.items()}
-        runs.append(latencies(last, x.contiguous(memory_format=torch.channels_last), warmup=warmup, repeats=repeats))
-    best = {name: min(run[name] for run in runs) for name in models}
+    if x.dim() != 4:
+        times = latencies(models, x, warmup=warmup, repeats=repeats)
+        return times["factorized"] / max(times["dense"], 1e-12)
+    layouts = (torch.contiguous_format, torch.channels_last)
+    bound = {(name, layout): Bound(copy.deepcopy(m).to(memory_format=layout), x.contiguous(memory_format=layout))
+             for name, m in models.items() for layout in layouts}
+    times = latencies({f"{name} {layout}": b for (name, layout), b in bound.items()}, (), warmup=warmup,
+                      repeats=repeats)
+    best = {name: min(times[f"{name} {layout}"] for layout in layouts) for name in models}
     return best["factorized"] / max(best["dense"], 1e-12)

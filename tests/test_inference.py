@@ -1,11 +1,13 @@
 """optimize_for_inference: BatchNorm folding that is exact and refuses unsafe folds; memory layout."""
 
+import types
+
 import pytest
 import torch
 from torch import nn
 
 import tdnn
-from tdnn.inference import optimize_for_inference
+from tdnn.inference import _foldable_pairs, optimize_for_inference
 
 
 def _bn(n: int, cls=nn.BatchNorm2d, **kwargs) -> nn.Module:
@@ -14,8 +16,9 @@ def _bn(n: int, cls=nn.BatchNorm2d, **kwargs) -> nn.Module:
         with torch.no_grad():
             bn.running_mean.normal_()
             bn.running_var.uniform_(0.5, 2.0)
-            bn.weight.normal_()
-            bn.bias.normal_()
+            if bn.affine:
+                bn.weight.normal_()
+                bn.bias.normal_()
     return bn
 
 
@@ -97,6 +100,87 @@ def test_refuses_folds_that_would_change_the_output(build, shape):
     fast = optimize_for_inference(net, x, memory_format="contiguous")
     assert fast.tdnn_inference.folded == []
     assert (fast(x) - net(x)).abs().max() < 1e-12
+    if not isinstance(net, _Reused):  # all but the reuse case are seen by the hooks already
+        assert _foldable_pairs(net, x) == []
+
+
+class _Mixed(nn.Module):
+    """One foldable pair and one whose conv output is also read by a residual sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn_a = nn.Conv2d(4, 4, 3, padding=1), _bn(4)
+        self.b, self.bn_b = nn.Conv2d(4, 4, 3, padding=1), _bn(4)
+
+    def forward(self, x):
+        y = self.b(torch.relu(self.bn_a(self.a(x))))
+        return self.bn_b(y) + y
+
+
+def test_keeps_the_safe_folds_when_one_is_unsafe():
+    torch.manual_seed(2)
+    net, x = _Mixed().double().eval(), torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    assert _foldable_pairs(net, x) == [("a", "bn_a"), ("b", "bn_b")]  # the residual read is invisible to hooks
+    fast = optimize_for_inference(net, x, memory_format="contiguous")
+    assert fast.tdnn_inference.folded == [("a", "bn_a")]
+    assert (fast(x) - net(x)).abs().max() < 1e-12
+
+
+def test_low_precision_models_are_checked_in_float64():
+    torch.manual_seed(3)
+    net = _Reused().eval().to(torch.bfloat16)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.bfloat16)
+    assert optimize_for_inference(net, x, memory_format="contiguous").tdnn_inference.folded == []
+    ok = nn.Sequential(nn.Conv2d(4, 4, 3), _bn(4)).eval().to(torch.bfloat16)
+    fast = optimize_for_inference(ok, x, memory_format="contiguous")
+    assert fast.tdnn_inference.folded == [("0", "1")] and fast[0].weight.dtype == torch.bfloat16
+
+
+def test_outputs_it_cannot_read_are_not_risked():
+    class Boxed(_Reused):
+        def forward(self, x):
+            return {"boxed": [object(), super().forward(x)]}, object()
+
+    class Opaque(_Reused):
+        def forward(self, x):
+            return types.SimpleNamespace(out=super().forward(x))
+
+    x = torch.randn(2, 4, 6, 6)
+    assert optimize_for_inference(Boxed().eval(), x, memory_format="contiguous").tdnn_inference.folded == []
+    assert optimize_for_inference(Opaque().eval(), x, memory_format="contiguous").tdnn_inference.folded == []
+
+
+def test_hooked_modules_are_left_alone():
+    net, x = _net(), torch.randn(2, 4, 10, 10, dtype=torch.float64)
+    seen = []
+    net[0].register_forward_hook(lambda m, a, out: seen.append(out))  # a feature the user reads
+    fast = optimize_for_inference(net, x, memory_format="contiguous")
+    assert fast.tdnn_inference.folded == [("4", "5")]
+
+
+def test_linear_with_a_batchnorm_without_affine_parameters():
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Linear(6, 5, bias=False), _bn(5, nn.BatchNorm1d, affine=False)).double().eval()
+    x = torch.randn(3, 6, dtype=torch.float64)
+    fast = optimize_for_inference(net, x)
+    assert fast.tdnn_inference.folded == [("0", "1")]
+    assert (fast(x) - net(x)).abs().max() < 1e-12
+
+
+def test_works_inside_a_callers_inference_mode():
+    net, x = _net(), torch.randn(2, 4, 10, 10, dtype=torch.float64)
+    with torch.inference_mode():
+        fast = optimize_for_inference(net, x, memory_format="channels_last")
+        assert len(fast.tdnn_inference.folded) == 2
+        assert (fast(x) - net(x)).abs().max() < 1e-12
+    assert not fast[0].weight.is_inference()
+
+
+def test_meta_models_are_refused():
+    with torch.device("meta"):
+        net = _net()
+    with pytest.raises(ValueError, match="meta device"):
+        optimize_for_inference(net, torch.randn(1, 4, 10, 10))
 
 
 @pytest.mark.parametrize("fastest", ["channels_last", "contiguous"])
@@ -108,8 +192,10 @@ def test_auto_layout_keeps_the_faster_one(fastest):
         seen.update(models)
         return {name: 1.0 if name == fastest else 2.0 for name in models}
 
-    fast = optimize_for_inference(net, x, timer=timer)
+    fast = optimize_for_inference(net.to(memory_format=torch.channels_last), x, timer=timer)
     assert sorted(seen) == ["channels_last", "contiguous"]
+    assert seen["contiguous"][0].weight.is_contiguous()  # timed as it would run, whatever the input layout
+    assert seen["channels_last"][0].weight.is_contiguous(memory_format=torch.channels_last)
     assert fast.tdnn_inference.memory_format == fastest
     assert fast.tdnn_inference.seconds == {fastest: 1.0, ({"channels_last", "contiguous"} - {fastest}).pop(): 2.0}
     weight = fast[0].weight

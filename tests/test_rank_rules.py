@@ -151,17 +151,21 @@ def test_real_timer_runs_and_returns_a_ratio():
 
 def test_conv_latency_counts_each_module_in_its_faster_layout(monkeypatch):
     from tdnn import latency
-    calls = []
+    seen = {}
 
-    def fake(models, x, **kwargs):  # factorized is slow in NCHW, fast in channels_last
-        last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        assert all(m.weight.is_contiguous(memory_format=torch.channels_last) == last
-                   for m in models.values()) and x.shape == (2, 8, 6, 6)
-        calls.append(last)
-        return {"dense": 1.5, "factorized": 0.9} if last else {"dense": 1.0, "factorized": 2.0}
+    def fake(models, batch, **kwargs):  # factorized is slow in NCHW, fast in channels_last
+        for name, bound in models.items():
+            last = name.endswith("channels_last")
+            x, weight = bound.batch, bound.module.weight
+            assert x.shape == (2, 8, 6, 6) and batch == ()
+            assert x.is_contiguous(memory_format=torch.channels_last) == last == (not x.is_contiguous())
+            assert weight.is_contiguous(memory_format=torch.channels_last) == last == (not weight.is_contiguous())
+            seen[name] = bound.module
+        return {name: {"dense": 1.5 if "channels_last" in name else 1.0,
+                       "factorized": 0.9 if "channels_last" in name else 2.0}[name.split()[0]] for name in models}
 
     monkeypatch.setattr(latency, "latencies", fake)
-    dense = nn.Conv2d(8, 8, 3, padding=1)
+    dense = nn.Conv2d(8, 8, 3, padding=1).to(memory_format=torch.channels_last)  # layout of the input model
     small = nn.Conv2d(8, 8, 3, padding=1)  # stands in for the factorized form: only timing matters
     assert latency.latency_ratio(dense, small, torch.randn(2, 8, 6, 6)) == pytest.approx(0.9)
-    assert calls == [False, True] and dense.weight.is_contiguous()
+    assert len(seen) == 4 and all(m is not dense and m is not small for m in seen.values())

@@ -50,15 +50,23 @@ class InputStats:
             raise ValueError("no calibration data reached this layer")
         return self.gram / self.count
 
-    def update(self, module: nn.Module, x: torch.Tensor, reference: torch.Tensor | None = None) -> None:
-        """Add a batch ``x``; ``reference`` holds the same rows as seen by the reference model."""
-        if self.input_shape is None:
-            self.input_shape = tuple(x.shape)
+    def update(self, module: nn.Module, x: torch.Tensor, reference: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, int]:
+        """Add a batch ``x``; ``reference`` holds the same rows as seen by the reference model.
+        Returns this batch's ``(Σ x xᵀ, count)``, for layers reading the same input (:meth:`add`)."""
         vectors = _vectors(module, x.detach(), self.mode).to(torch.float64)
-        self.gram = _add(self.gram, vectors.T @ vectors)
+        term = vectors.T @ vectors
         if reference is not None:
             self.cross = _add(self.cross, reference.T @ vectors)
-        self.count += vectors.shape[0]
+        self.add(x, term, vectors.shape[0])
+        return term, vectors.shape[0]
+
+    def add(self, x: torch.Tensor, term: torch.Tensor, count: int) -> None:
+        """Add a batch whose ``Σ x xᵀ`` is already known."""
+        if self.input_shape is None:
+            self.input_shape = tuple(x.shape)
+        self.gram = _add(self.gram, term)
+        self.count += count
 
     @property
     def cross_cov(self) -> torch.Tensor | None:
@@ -89,6 +97,9 @@ class _Tracker:
     stats: dict[str, InputStats]
     modules: dict[str, nn.Module]
     outputs: dict[str, Any] = field(default_factory=dict)  # name -> weakref to the latest output
+    # (mode, unfolding geometry) -> (weakref to an input, its version, Σ x xᵀ, count), this batch:
+    # layers reading the very same tensor the same way (Q, K, V) compute the product once
+    terms: dict[tuple, tuple[Any, int, torch.Tensor, int]] = field(default_factory=dict)
     handles: list[Any] = field(default_factory=list)
 
     def attach(self, model: nn.Module) -> None:
@@ -105,7 +116,18 @@ class _Tracker:
 
     def _pre(self, name: str):
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            self.stats[name].update(module, args[0])
+            x, stats = args[0], self.stats[name]
+            if x.is_inference():  # no version counter: cannot tell an in-place change, so no sharing
+                stats.update(module, x)
+                return
+            key = (stats.mode, (module.kernel_size, module.dilation, module.stride,
+                                module._reversed_padding_repeated_twice, module.padding_mode)
+                   if stats.mode == "patches" else None)
+            seen = self.terms.get(key)
+            if seen is not None and seen[0]() is x and seen[1] == x._version:
+                stats.add(x, *seen[2:])
+            else:
+                self.terms[key] = (weakref.ref(x), x._version, *stats.update(module, x))
         return hook
 
     def _post(self, name: str):
@@ -148,6 +170,7 @@ def collect(model: nn.Module, batches: Iterable[Any], layers: dict[str, tuple[nn
         for batch in tqdm(batches, desc="calibrating", disable=not progress, leave=False):
             tracker.outputs.clear()
             call(model, batch)
+            tracker.terms.clear()
             n += 1
     finally:
         tracker.detach()
@@ -206,9 +229,10 @@ class Whitening:
     """
 
     def __init__(self, cov: torch.Tensor, out_scale: torch.Tensor | None = None, *,
-                 damping: float = 0.01, cross: torch.Tensor | None = None) -> None:
+                 damping: float = 0.01, cross: torch.Tensor | None = None,
+                 eig: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         cov = (cov + cov.T) / 2
-        evals, vecs = torch.linalg.eigh(cov)
+        evals, vecs = torch.linalg.eigh(cov) if eig is None else eig  # eig: of this same cov
         mean = float(evals.clamp_min(0).mean())
         if mean <= torch.finfo(cov.dtype).eps * float(evals.abs().max().clamp_min(1e-300)):
             ridge, evals = 0.0, torch.ones_like(evals)  # no signal at all: fall back to plain truncation
@@ -254,3 +278,19 @@ class Whitening:
     def in_factor(self, factor: torch.Tensor) -> torch.Tensor:
         """Map a whitened input factor ``(n, r)`` back: ``R⁻ᵀ V``."""
         return self.root_inv.T @ factor
+
+
+def whitenings(stats: dict[str, InputStats], damping: float) -> dict[str, Whitening]:
+    """A :class:`Whitening` per layer from its statistics. Layers whose input covariances are
+    identical (Q, K and V reading one tensor) share one eigendecomposition."""
+    eigs: dict[tuple, list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]] = {}
+    out = {}
+    for name, s in stats.items():
+        cov = s.cov
+        same = eigs.setdefault((tuple(cov.shape), float(cov.sum()), float(cov.trace())), [])
+        eig = next((e for c, e in same if torch.equal(c, cov)), None)
+        if eig is None:
+            eig = torch.linalg.eigh((cov + cov.T) / 2)
+            same.append((cov, eig))
+        out[name] = Whitening(cov, s.out_scale, damping=damping, eig=eig)
+    return out

@@ -139,8 +139,9 @@ def _whiten(model: nn.Module, layers: list[_Layer], batches: list[Any], damping:
             progress: bool) -> dict[str, calibrate.InputStats]:
     stats = calibrate.collect(model, batches, {l.name: (l.module, _stat_mode(l)) for l in layers},
                               progress=progress)
+    whitening = calibrate.whitenings(stats, damping)
     for l in layers:
-        l.whitening = Whitening(stats[l.name].cov, stats[l.name].out_scale, damping=damping)
+        l.whitening = whitening[l.name]
     return stats
 
 

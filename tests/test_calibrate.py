@@ -188,3 +188,46 @@ def test_sequential_mode_sees_compressed_inputs():
 def test_sequential_needs_calibration():
     with pytest.raises(ValueError, match="sequential=True needs calibration data"):
         tdnn.compress_model(nn.Linear(8, 8), ranks=2, sequential=True)
+
+
+class _QKV(nn.Module):
+    """Q, K and V read one tensor; ``out`` reads another; ``twice`` reads the first after an in-place change."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.out, self.twice = (nn.Linear(16, 16, dtype=torch.float64) for _ in range(5))
+
+    def forward(self, x):
+        h = self.q(x) + self.k(x) + self.v(x)
+        x.mul_(2.0)  # the same tensor object, other values: must not reuse the statistics above
+        return self.out(h) + self.twice(x)
+
+
+def test_layers_reading_one_input_share_its_statistics(monkeypatch):
+    calls = {"vectors": 0, "eigh": 0}
+    vectors, eigh = calibrate._vectors, torch.linalg.eigh
+
+    def counting_vectors(*args):
+        calls["vectors"] += 1
+        return vectors(*args)
+
+    def counting_eigh(*args):
+        calls["eigh"] += 1
+        return eigh(*args)
+
+    monkeypatch.setattr(calibrate, "_vectors", counting_vectors)
+    monkeypatch.setattr(torch.linalg, "eigh", counting_eigh)
+    net = _QKV()
+    batches = [correlated(64, 16, seed=s) for s in range(3)]
+    layers = {name: (getattr(net, name), "features") for name in ("q", "k", "v", "out", "twice")}
+    stats = calibrate.collect(net, [b.clone() for b in batches], layers)
+    assert calls["vectors"] == 3 * 3  # per batch: q (k and v reuse it), out, twice
+    assert torch.equal(stats["q"].gram, stats["k"].gram) and torch.equal(stats["q"].gram, stats["v"].gram)
+    expected = sum(b.T @ b for b in batches)
+    torch.testing.assert_close(stats["q"].gram, expected, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(stats["twice"].gram, 4 * expected, rtol=1e-12, atol=1e-9)
+    whitening = calibrate.whitenings(stats, damping=0.01)
+    assert calls["eigh"] == 3  # q/k/v share one, out and twice have their own
+    for name in ("q", "k", "v", "twice"):
+        alone = calibrate.Whitening(stats[name].cov, damping=0.01)
+        assert torch.equal(whitening[name].root, alone.root)

@@ -1,11 +1,13 @@
 """What a layer costs, dense or factorized at a rank: parameters, or FLOPs on an input size.
 
 Counted on meta-device twins (no memory, no compute) and cached by the layer's constructor
-arguments, since networks repeat the same layer shapes many times.
+arguments, since networks repeat the same layer shapes many times; a factorized form's cost at
+every rank follows from a few counted ranks (it is affine in each rank component).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
@@ -27,14 +29,22 @@ def layer_cost(kind: str, layer: nn.Module, cls: type[Factorized] | None = None,
         >>> layer_cost("params", layer), layer_cost("params", layer, tdnn.SVDLinear, 10)
         (5050, 1550)
     """
+    signature = _signature(layer)
+    if cls is None:
+        return _counted(kind, None, signature, None, input_shape)
+    polynomial = _polynomial(kind, cls, signature, input_shape, cls.max_rank(layer))
+    return _counted(kind, cls, signature, rank, input_shape) if polynomial is None else polynomial(rank)
+
+
+def _signature(layer: nn.Module) -> tuple:
+    """What the cost depends on: the layer type, dtype and constructor arguments."""
     base = nn.Linear if isinstance(layer, nn.Linear) else nn.Conv2d
-    signature = base, layer.weight.dtype, tuple(sorted(dense_kwargs(layer).items()))
-    return _cost(kind, cls, signature, rank, input_shape)
+    return base, layer.weight.dtype, tuple(sorted(dense_kwargs(layer).items()))
 
 
 @lru_cache(maxsize=65536)
-def _cost(kind: str, cls: type[Factorized] | None, signature: tuple, rank: Any,
-          input_shape: tuple[int, ...] | None) -> int:
+def _counted(kind: str, cls: type[Factorized] | None, signature: tuple, rank: Any,
+             input_shape: tuple[int, ...] | None) -> int:
     base, dtype, kwargs = signature
     meta = base(**dict(kwargs), device="meta", dtype=dtype)
     module = meta if cls is None else cls.structure(meta, rank, device="meta")
@@ -43,3 +53,30 @@ def _cost(kind: str, cls: type[Factorized] | None, signature: tuple, rank: Any,
     with FlopCounterMode(display=False) as counter:
         module(torch.empty(input_shape, device="meta", dtype=dtype))
     return counter.get_total_flops()
+
+
+@lru_cache(maxsize=4096)
+def _polynomial(kind: str, cls: type[Factorized], signature: tuple, input_shape: tuple[int, ...] | None,
+                top: Any) -> Callable[[Any], int] | None:
+    """The cost at any rank from a few counted ones: each factor's parameters and FLOPs are affine
+    in each rank component (bilinear in Tucker-2's pair), so ranks 1 and 2 per component fix them.
+    Checked at the full rank; ``None`` (count every rank) if that fails or the layer is too small."""
+    pair = isinstance(top, tuple)
+    if min(top if pair else (top,)) < 2:
+        return None
+    f = {r: _counted(kind, cls, signature, r, input_shape)
+         for r in ([(a, b) for a in (1, 2) for b in (1, 2)] if pair else [1, 2])}
+    if pair:
+        c11 = f[2, 2] - f[1, 2] - f[2, 1] + f[1, 1]
+        c10, c01 = f[2, 1] - f[1, 1] - c11, f[1, 2] - f[1, 1] - c11
+        c00 = f[1, 1] - c10 - c01 - c11
+
+        def polynomial(r: Any) -> int:
+            return c00 + c10 * r[0] + c01 * r[1] + c11 * r[0] * r[1]
+    else:
+        c1 = f[2] - f[1]
+        c0 = f[1] - c1
+
+        def polynomial(r: Any) -> int:
+            return c0 + c1 * r
+    return polynomial if polynomial(top) == _counted(kind, cls, signature, top, input_shape) else None

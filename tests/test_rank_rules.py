@@ -169,3 +169,28 @@ def test_conv_latency_counts_each_module_in_its_faster_layout(monkeypatch):
     small = nn.Conv2d(8, 8, 3, padding=1)  # stands in for the factorized form: only timing matters
     assert latency.latency_ratio(dense, small, torch.randn(2, 8, 6, 6)) == pytest.approx(0.9)
     assert len(seen) == 4 and all(m is not dense and m is not small for m in seen.values())
+
+
+@pytest.mark.parametrize("layer, cls, shape", [
+    (nn.Linear(48, 40), tdnn.SVDLinear, (3, 7, 48)),
+    (nn.Conv2d(16, 24, 1, stride=2, bias=False), tdnn.SVDConv2d, (2, 16, 9, 9)),
+    (nn.Conv2d(16, 24, (3, 5), stride=(2, 1), padding=(1, 2), dilation=(1, 2)), tdnn.SVDConv2d, (2, 16, 9, 11)),
+    (nn.Conv2d(16, 24, 3, padding=1, groups=4), tdnn.Tucker2Conv2d, (2, 16, 8, 8)),
+    (nn.Conv2d(16, 32, 3, stride=2, padding="valid"), tdnn.Tucker2Conv2d, (1, 16, 9, 9)),
+    (nn.Conv2d(16, 24, (3, 5), stride=(2, 1), padding=(1, 2)), tdnn.CPConv2d, (2, 16, 9, 11)),
+])
+def test_cost_at_every_rank_equals_counting_it(layer, cls, shape):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tdnn import cost
+    cost._polynomial.cache_clear()
+    for rank in cls.rank_levels(layer)[::3]:
+        module = cls.structure(layer, rank, device="meta")
+        with FlopCounterMode(display=False) as counter:
+            module(torch.empty(shape, device="meta"))
+        assert cost.layer_cost("flops", layer, cls, rank, shape) == counter.get_total_flops(), rank
+        assert cost.layer_cost("params", layer, cls, rank) == sum(p.numel() for p in module.parameters()), rank
+    # the costs came from the rank polynomials, not from counting each rank
+    assert all(p is not None for p in [cost._polynomial(kind, cls, *args) for kind, args in [
+        ("flops", (cost._signature(layer), shape, cls.max_rank(layer))),
+        ("params", (cost._signature(layer), None, cls.max_rank(layer)))]])

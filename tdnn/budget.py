@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -111,23 +112,27 @@ def allocate(candidates: list[Candidate], budget: Budget, *, total: int, fixed: 
 
 def _greedy(picks: list[tuple[int, float, Any]], pool: list[list[tuple[int, float, Any]]],
             spent: float, target: float, *, strict: bool) -> float:
-    """Upgrade ``picks`` in place, best error drop per unit cost first, while the total fits."""
-    while True:
-        best, best_gain = None, -1.0
-        for i, opts in enumerate(pool):
-            cost0, err0, _ = picks[i]
-            for option in opts:
-                cost, err, _ = option
-                if cost <= cost0 or err > err0 or spent + cost - cost0 > target:
-                    continue
-                gain = (err0 - err) / (cost - cost0)
-                if (gain > 0 or not strict) and gain > best_gain:
-                    best, best_gain = (i, option), gain
-        if best is None:
-            return spent
-        i, option = best
-        spent += option[0] - picks[i][0]
-        picks[i] = option
+    """Upgrade ``picks`` in place, best error drop per unit cost first, while the total fits
+    (ties: the first layer, then its first option)."""
+    owner = np.array([i for i, opts in enumerate(pool) for _ in opts], dtype=np.int64)
+    cost = np.array([o[0] for opts in pool for o in opts], dtype=np.float64)
+    err = np.array([o[1] for opts in pool for o in opts], dtype=np.float64)
+    options = [o for opts in pool for o in opts]
+    while len(options):
+        cost0 = np.array([p[0] for p in picks], dtype=np.float64)[owner]
+        err0 = np.array([p[1] for p in picks], dtype=np.float64)[owner]
+        ok = (cost > cost0) & (err <= err0) & (spent + cost - cost0 <= target)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            gain = np.where(ok, (err0 - err) / (cost - cost0), -np.inf)
+        if strict:
+            gain[gain <= 0] = -np.inf
+        best = int(np.argmax(gain))
+        if gain[best] == -np.inf:
+            break
+        i = int(owner[best])
+        spent += options[best][0] - picks[i][0]
+        picks[i] = options[best]
+    return spent
 
 
 def _lower_hull(options: list[tuple[int, float, object]]) -> list[tuple[int, float, object]]:

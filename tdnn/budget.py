@@ -11,6 +11,7 @@ from torch import nn
 
 from tdnn.cost import layer_cost
 from tdnn.layers.base import Factorized
+from tdnn.ranks import rank_levels
 
 LEVELS = 128  # candidate ranks per layer; steps of <1% of a layer keep the total within 1%
 
@@ -63,11 +64,12 @@ class Candidate:
     cls: type[Factorized]
     spectra: list[torch.Tensor]
     input_shape: tuple[int, ...] | None = None
+    multiple: int = 1  # ranks restricted as by tdnn.ranks.rank_levels
 
 
 def _options(c: Candidate, kind: str) -> list[tuple[int, float, Any]]:
     """``(cost, estimated error, rank)`` for a subsample of ranks, cheapest first; ``None`` = dense."""
-    levels = c.cls.rank_levels(c.layer)
+    levels = rank_levels(c.cls, c.layer, c.multiple)
     step = max(1, len(levels) // LEVELS)
     picks = levels[::step] if levels[-1] in levels[::step] else [*levels[::step], levels[-1]]
     dense = layer_cost(kind, c.layer, input_shape=c.input_shape)

@@ -111,11 +111,11 @@ def _stat_mode(layer: _Layer) -> str:
     return "patches" if layer.cls.flat else "channels"
 
 
-def _rank(layer: _Layer) -> Any:
+def _rank(layer: _Layer, multiple: int) -> Any:
     """The concrete rank from the layer's own spec."""
     cls, module, spec, name = layer.cls, layer.module, layer.rank_spec, layer.name
     if isinstance(spec, float):
-        return rank_for_ratio(cls, module, spec)
+        return rank_for_ratio(cls, module, spec, multiple)
     if isinstance(spec, (Energy, VBMF)):
         # Energy follows the whitened spectrum (output energy); VBMF models the weight's own noise.
         whitening = layer.whitening if isinstance(spec, Energy) else None
@@ -146,11 +146,11 @@ def _whiten(model: nn.Module, layers: list[_Layer], batches: list[Any], damping:
 
 
 def _allocate(model: nn.Module, layers: list[_Layer], budget: Budget,
-              stats: dict[str, calibrate.InputStats], batches: list[Any] | None) -> None:
+              stats: dict[str, calibrate.InputStats], batches: list[Any] | None, multiple: int) -> None:
     if budget.kind == "flops" and batches is None:
         raise ValueError("Budget(flops=...) needs calibration data: FLOPs depend on the input size")
     candidates = [Candidate(l.name, l.module, l.cls, l.cls.spectra(l.module, l.whitening, name=l.name),
-                            stats[l.name].input_shape if stats else None) for l in layers]
+                            stats[l.name].input_shape if stats else None, multiple) for l in layers]
     if budget.kind == "params":
         total = sum(p.numel() for p in model.parameters())
     else:
@@ -200,7 +200,8 @@ def compress_model(model: nn.Module, ranks: Any = None, *, method: str = "auto",
                    filter_fn: FilterFn | None = None, inplace: bool = False,
                    calibration: Iterable[Any] | None = None, sequential: bool = False,
                    budget: Budget | None = None, damping: float = 0.01,
-                   latency_aware: bool | LatencyTimer = False, progress: bool = False) -> nn.Module:
+                   latency_aware: bool | LatencyTimer = False, rank_multiple: int = 1,
+                   progress: bool = False) -> nn.Module:
     """Replace the ``nn.Linear`` and ``nn.Conv2d`` layers of ``model`` by low-rank factorized ones.
 
     Every layer is planned first (so bad input fails before any work), then decomposed in
@@ -239,6 +240,9 @@ def compress_model(model: nn.Module, ranks: Any = None, *, method: str = "auto",
             each in its faster memory layout, see :func:`tdnn.latency.latency_ratio`) and keep
             the dense layer where the factorized one is not faster; the measured ratios go into
             the plan and the report. A callable ``(dense, factorized, x) -> ratio`` replaces the timer.
+        rank_multiple: ranks that ratios and budgets choose are multiples of this (or below it, or
+            full), e.g. 8 for the channel blocks of CPU SIMD units and GPU tensor cores; ranks you
+            give as ints, Energy or VBMF are kept as they are.
         progress: show progress bars.
 
     Returns:
@@ -269,6 +273,8 @@ def compress_model(model: nn.Module, ranks: Any = None, *, method: str = "auto",
         raise TypeError(f"budget must be a tdnn.Budget, got {type(budget).__name__}")
     if sequential and calibration is None:
         raise ValueError("sequential=True needs calibration data")
+    if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int) or rank_multiple < 1:
+        raise ValueError(f"rank_multiple must be a positive int, got {rank_multiple!r}")
     timer = _timer(latency_aware, calibration)
     rule = None if ranks is None else RankRule(ranks)
     found = list(walk.named_layers(model))
@@ -294,10 +300,10 @@ def compress_model(model: nn.Module, ranks: Any = None, *, method: str = "auto",
     batches = None if calibration is None else list(calibration)
     stats = _whiten(model, chosen, batches, damping, progress) if batches is not None and chosen else {}
     if budget is not None:
-        _allocate(model, chosen, budget, stats, batches)
+        _allocate(model, chosen, budget, stats, batches, rank_multiple)
     else:
         for l in chosen:
-            _accept(l, _rank(l))
+            _accept(l, _rank(l, rank_multiple))
     chosen = [l for l in chosen if l.cls is not None]
 
     # Sequential mode fits each layer to what the original layer computed on the original inputs.

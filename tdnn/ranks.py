@@ -222,12 +222,32 @@ def dense_param_count(layer: nn.Module) -> int:
     return sum(p.numel() for p in layer.parameters(recurse=False))
 
 
-def rank_for_ratio(cls: type[Factorized], layer: nn.Module, ratio: float) -> Any:
-    """The largest rank of ``cls`` whose parameter count stays within ``ratio`` of ``layer``'s.
+def rank_levels(cls: type[Factorized], layer: nn.Module, multiple: int = 1) -> list[Any]:
+    """``cls.rank_levels(layer)`` keeping, for ``multiple > 1``, the ranks whose every component is a
+    multiple of it, smaller than it, or the full rank: channel counts that SIMD units and tensor
+    cores process without a ragged remainder.
+
+    Example:
+        >>> import torch, tdnn
+        >>> rank_levels(tdnn.SVDLinear, torch.nn.Linear(30, 20), 8)
+        [1, 2, 3, 4, 5, 6, 7, 8, 16, 20]
+    """
+    levels = cls.rank_levels(layer)
+    if multiple == 1:
+        return levels
+    top = cls.max_rank(layer)
+    tops = top if isinstance(top, tuple) else (top,)
+    return [rank for rank in levels if all(r % multiple == 0 or r < multiple or r == t for r, t in
+                                           zip(rank if isinstance(rank, tuple) else (rank,), tops))]
+
+
+def rank_for_ratio(cls: type[Factorized], layer: nn.Module, ratio: float, multiple: int = 1) -> Any:
+    """The largest rank of ``cls`` whose parameter count stays within ``ratio`` of ``layer``'s
+    (among :func:`rank_levels` for ``multiple``).
 
     Falls back to the smallest rank when even that exceeds the budget.
     """
-    levels = cls.rank_levels(layer)
+    levels = rank_levels(cls, layer, multiple)
     budget = math.floor(ratio * dense_param_count(layer))
     lo, hi = 0, len(levels) - 1  # parameter counts grow with the level: bisect
     while lo < hi:

@@ -91,6 +91,37 @@ def test_budget_is_not_a_uniform_ratio():
     assert abs(tdnn.report(small).param_ratio - 0.5) <= 70 / 2460  # within one rank step of this tiny net
 
 
+def _aligned(small, multiple):
+    for module in small.modules():
+        if isinstance(module, tdnn.Factorized):
+            ranks, tops = module.rank, type(module).max_rank(module.to_dense())
+            ranks, tops = (ranks, tops) if isinstance(ranks, tuple) else ((ranks,), (tops,))
+            yield all(r % multiple == 0 or r < multiple or r == t for r, t in zip(ranks, tops))
+
+
+@pytest.mark.parametrize("budget", [None, tdnn.Budget(params=0.3)])
+def test_rank_multiple_aligns_ratio_and_budget_ranks(resnet18, budget):
+    kwargs = {"budget": budget} if budget else {"ranks": 0.5}
+    small = tdnn.compress_model(resnet18, rank_multiple=8, **kwargs)
+    ranks = [m.rank for m in small.modules() if isinstance(m, tdnn.Factorized)]
+    assert (ranks if budget else len(ranks) == 21) and all(_aligned(small, 8))
+    assert any(r >= 8 for rank in ranks for r in (rank if isinstance(rank, tuple) else (rank,)))
+    ratio = tdnn.report(small).param_ratio
+    if budget:
+        assert abs(ratio - 0.3) <= 0.01 * 0.3
+    else:
+        assert 0.45 <= ratio <= 0.5
+        assert not all(_aligned(tdnn.compress_model(resnet18, ranks=0.5), 8))  # the default does not align
+
+
+def test_rank_multiple_leaves_explicit_ranks_and_rejects_bad_values():
+    net = nn.Sequential(nn.Linear(40, 40))
+    assert tdnn.compress_model(net, ranks=5, rank_multiple=8)[0].rank == 5
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="rank_multiple must be a positive int"):
+            tdnn.compress_model(net, ranks=0.5, rank_multiple=bad)
+
+
 def test_flop_budget_with_calibration(resnet18):
     x = torch.randn(4, 3, 32, 32)
     small = tdnn.compress_model(resnet18, budget=tdnn.Budget(flops=0.4), calibration=[x])

@@ -33,6 +33,7 @@ from torch import nn
 
 import tdnn
 from tdnn import walk
+from tdnn.cost import model_flops
 from tdnn.latency import latencies
 
 
@@ -121,7 +122,7 @@ def measure(setting: Setting, *, size: int, repeats: int, compile: bool,
     seconds = time.perf_counter() - start
     rep = tdnn.report(small, inputs=one) if hasattr(small, "tdnn_plan") else None
     params = sum(p.numel() for p in small.parameters()) / sum(p.numel() for p in dense.parameters())
-    flops = rep.flop_ratio if rep is not None else _flops(small, one) / _flops(dense, one)
+    flops = rep.flop_ratio if rep is not None else model_flops(small, one) / model_flops(dense, one)
     row = {"model": setting.model, "setting": setting.label, "params": params, "flops": flops,
            "compress s": seconds}
     for batch in (1, 32):
@@ -155,14 +156,6 @@ def _compiled(dense: nn.Module, small: nn.Module, x: torch.Tensor) -> dict[str, 
         print(f"torch.compile failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}", file=sys.stderr)
         return None
     return models
-
-
-def _flops(model: nn.Module, x: torch.Tensor) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        model(x)
-    return counter.get_total_flops()
 
 
 def table(rows: list[dict[str, object]]) -> str:

@@ -10,14 +10,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from tdnn import calibrate, walk
-from tdnn.batches import call
 from tdnn.budget import Budget, Candidate, allocate
 from tdnn.calibrate import Whitening
-from tdnn.cost import layer_cost
+from tdnn.cost import layer_cost, model_flops
 from tdnn.latency import LatencyTimer, latency_ratio
 from tdnn.layers import CPConv2d, Factorized, SVDConv2d, SVDLinear, Tucker2Conv2d
 from tdnn.plan import PLAN_ATTR, LayerPlan, Plan
@@ -154,9 +152,7 @@ def _allocate(model: nn.Module, layers: list[_Layer], budget: Budget,
     if budget.kind == "params":
         total = sum(p.numel() for p in model.parameters())
     else:
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            call(model, batches[0])
-        total = counter.get_total_flops()
+        total = model_flops(model, batches[0])
     fixed = total - sum(layer_cost(budget.kind, c.layer, input_shape=c.input_shape) for c in candidates)
     for l, rank in zip(layers, allocate(candidates, budget, total=total, fixed=fixed).values()):
         if rank is None:

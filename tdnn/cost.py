@@ -15,7 +15,16 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from tdnn.batches import call
 from tdnn.layers.base import Factorized, dense_kwargs
+
+
+def model_flops(model: nn.Module, batch: Any) -> int:
+    """FLOPs of one forward of ``model`` on ``batch`` (a tensor, a tuple of arguments or a dict of
+    keyword arguments), as ``torch.utils.flop_counter`` counts them."""
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        call(model, batch)
+    return counter.get_total_flops()
 
 
 def layer_cost(kind: str, layer: nn.Module, cls: type[Factorized] | None = None, rank: Any = None,
@@ -50,9 +59,7 @@ def _counted(kind: str, cls: type[Factorized] | None, signature: tuple, rank: An
     module = meta if cls is None else cls.structure(meta, rank, device="meta")
     if kind == "params":
         return sum(p.numel() for p in module.parameters())
-    with FlopCounterMode(display=False) as counter:
-        module(torch.empty(input_shape, device="meta", dtype=dtype))
-    return counter.get_total_flops()
+    return model_flops(module, torch.empty(input_shape, device="meta", dtype=dtype))
 
 
 @lru_cache(maxsize=4096)

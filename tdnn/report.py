@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tdnn import walk
 from tdnn.batches import call
+from tdnn.cost import model_flops
 from tdnn.layers.base import Factorized
 from tdnn.plan import PLAN_ATTR, Plan
 from tdnn.ranks import dense_param_count
@@ -94,12 +95,6 @@ def _mflops(flops: int | None) -> str:
     return "-" if flops is None else f"{flops / 1e6:,.2f}"
 
 
-def _flops(module: nn.Module, *args: Any) -> int:
-    with FlopCounterMode(display=False) as counter:
-        module(*args)
-    return counter.get_total_flops()
-
-
 @torch.no_grad()
 def report(model: nn.Module, inputs: Any = None) -> Report:
     """Summarise a (compressed) model: per-layer method, rank, parameters, FLOPs and weight error.
@@ -166,9 +161,9 @@ def report(model: nn.Module, inputs: Any = None) -> Report:
         if args is None:
             record.note = (record.note + "; " if record.note else "") + "not called on this input"
             continue
-        record.flops_after = _flops(module, *args)
+        record.flops_after = model_flops(module, args)
         dense = module.to_dense() if isinstance(module, Factorized) else module
-        record.flops_before = _flops(dense, *args)
+        record.flops_before = model_flops(dense, args)
     rep.flops_before = rep.flops_after + sum(
         r.flops_before - r.flops_after for r in records if r.flops_after is not None)
     return rep

@@ -1,8 +1,8 @@
-"""Calling a model on one batch, whatever form the batch takes."""
+"""Calling a model on one batch, and mapping over its tensors, whatever form the batch takes."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -20,3 +20,14 @@ def call(model: nn.Module, batch: Any) -> Any:
         return model(*batch)
     raise TypeError(f"a batch must be a tensor, a tuple/list of arguments or a dict of keyword "
                     f"arguments, got {type(batch).__name__}")
+
+
+def map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``batch`` with ``fn`` applied to every tensor in it (through tuples, lists and mappings)."""
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        return {k: map_tensors(v, fn) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(map_tensors(v, fn) for v in batch)
+    return batch

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Sampler, SequentialSampler
 
-from tdnn.batches import call
+from tdnn.batches import call, map_tensors
 
 CHECKPOINT_NAME = "last.pt"
 CHECKPOINT_FORMAT = "tdnn.finetune/1"
@@ -118,16 +118,6 @@ def _split(batch: Any) -> tuple[Any, Any]:
         raise ValueError(f"a batch must be inputs or (inputs, labels), got a {type(batch).__name__} "
                          f"of {len(batch)} items; use a dict for several model arguments")
     raise TypeError(f"a batch must be a tensor, (inputs, labels) or a dict, got {type(batch).__name__}")
-
-
-def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, Mapping):
-        return {k: _map_tensors(v, fn) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_map_tensors(v, fn) for v in obj)
-    return obj
 
 
 def _size(obj: Any) -> int:
@@ -249,7 +239,7 @@ class _Data:
             size = _size(_split(batch)[0])
             if size < self.world:
                 continue
-            yield _map_tensors(batch, lambda t: t[self.rank::self.world] if t.dim() else t), size
+            yield map_tensors(batch, lambda t: t[self.rank::self.world] if t.dim() else t), size
 
     def _loader_epoch(self, epoch: int, start: int) -> Iterator[tuple[Any, int]]:
         src = self.loader
@@ -566,8 +556,8 @@ def finetune(model: nn.Module, data: Iterable[Any], *, teacher: nn.Module | None
 
     def train_step(batch: Any, global_n: int) -> float:
         inputs, labels = _split(batch)
-        inputs = _map_tensors(inputs, lambda t: t.to(device, non_blocking=True))
-        labels = _map_tensors(labels, lambda t: t.to(device, non_blocking=True))
+        inputs = map_tensors(inputs, lambda t: t.to(device, non_blocking=True))
+        labels = map_tensors(labels, lambda t: t.to(device, non_blocking=True))
         a = alpha_label if labels is not None else alpha_nolabel
         if labels is None and a < 1.0:
             raise ValueError("a batch has no labels: give a teacher for label-free distillation, "

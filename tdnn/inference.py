@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_weights
 
 from tdnn import walk
-from tdnn.batches import call
+from tdnn.batches import call, map_tensors
 from tdnn.latency import latencies
 
 INFERENCE_ATTR = "tdnn_inference"
@@ -118,17 +118,6 @@ def _fold(model: nn.Module, pairs: list[tuple[str, str]]) -> nn.Module:
     return walk.swap(model, replacements)
 
 
-def _double(batch: Any) -> Any:
-    """``batch`` with its floating-point tensors in float64 (integer ones, e.g. token ids, as they are)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.double() if batch.is_floating_point() else batch
-    if isinstance(batch, dict):
-        return {k: _double(v) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_double(v) for v in batch)
-    return batch
-
-
 def _close(got: Any, want: list[torch.Tensor], tol: float) -> bool:
     got = _tensors(got)
     return len(got) == len(want) and all(
@@ -143,7 +132,9 @@ def _fold_checked(model: nn.Module, example: Any) -> tuple[nn.Module, list[tuple
     alone, and the survivors together. Half-precision models are checked on a float64 copy."""
     probe, batch, tol = model, example, 1e-4
     if any(p.is_floating_point() and p.dtype not in (torch.float32, torch.float64) for p in model.parameters()):
-        probe, batch = copy.deepcopy(model).double(), _double(example)
+        # floating-point inputs in float64 too (integer ones, e.g. token ids, as they are)
+        probe = copy.deepcopy(model).double()
+        batch = map_tensors(example, lambda t: t.double() if t.is_floating_point() else t)
     if next(probe.parameters(), torch.empty(0)).dtype == torch.float64:
         tol = 1e-9
     pairs = _foldable_pairs(probe, batch)

@@ -80,7 +80,7 @@ def _tltorch(rank: float) -> Callable[[nn.Module, torch.Tensor], nn.Module]:
         import tltorch
 
         model = copy.deepcopy(model)
-        targets = [m for _, m, _ in walk.named_layers(model, (nn.Conv2d,)) if m.kernel_size != (1, 1)]
+        targets = [m for _, m, _ in walk.named_layers(model, lambda m: isinstance(m, nn.Conv2d)) if m.kernel_size != (1, 1)]
         return walk.swap(model, {id(m): tltorch.FactorizedConv.from_conv(
             m, rank=rank, factorization="tucker", implementation="factorized") for m in targets})
     return run

@@ -14,6 +14,7 @@ from tdnn.config import Config, load_config
 from tdnn.finetune import FinetuneResult, finetune
 from tdnn.inference import InferenceForm, optimize_for_inference
 from tdnn.io import apply_plan, load, save
+from tdnn import registry
 from tdnn.layers import CPConv2d, Factorized, SVDConv2d, SVDLinear, Tucker2Conv2d
 from tdnn.merge import merge
 from tdnn.plan import LayerPlan, Plan
@@ -27,4 +28,5 @@ __all__ = [
     "compress_model", "Budget", "Energy", "VBMF", "report", "Report", "LayerRecord", "Plan", "LayerPlan", "LayerSpec",
     "save", "load", "apply_plan", "merge", "optimize_for_inference", "InferenceForm",
     "Factorized", "SVDLinear", "SVDConv2d", "Tucker2Conv2d", "CPConv2d",
+    "registry",
 ]

@@ -47,7 +47,7 @@ class Budget:
             raise ValueError(f"Budget: {key}={value!r} must be a fraction in (0, 1]")
 
     @property
-    def kind(self) -> str:
+    def measure(self) -> str:
         return "params" if self.params is not None else "flops"
 
     @property
@@ -55,35 +55,29 @@ class Budget:
         return float(self.params if self.params is not None else self.flops)
 
 
-@dataclass
-class Candidate:
-    """One layer the budget may factorize."""
-
-    name: str
-    layer: nn.Module
-    cls: type[Factorized]
-    spectra: list[torch.Tensor]
-    input_shape: tuple[int, ...] | None = None
-    multiple: int = 1  # ranks restricted as by tdnn.ranks.rank_levels
+# A layer offered to the budget: the dense module, its factorized class, the spectra of its
+# (whitened) unfoldings, and its input shape (for FLOPs).
+Offer = tuple[nn.Module, type[Factorized], list[torch.Tensor], "tuple[int, ...] | None"]
 
 
-def _options(c: Candidate, kind: str) -> list[tuple[int, float, Any]]:
+def _options(offer: Offer, measure: str, multiple: int) -> list[tuple[int, float, Any]]:
     """``(cost, estimated error, rank)`` for a subsample of ranks, cheapest first; ``None`` = dense."""
-    levels = rank_levels(c.cls, c.layer, c.multiple)
+    layer, cls, spectra, input_shape = offer
+    levels = rank_levels(cls, layer, multiple)
     step = max(1, len(levels) // LEVELS)
     picks = levels[::step] if levels[-1] in levels[::step] else [*levels[::step], levels[-1]]
-    dense = layer_cost(kind, c.layer, input_shape=c.input_shape)
+    dense = layer_cost(measure, layer, input_shape=input_shape)
     options = []
     for rank in picks:
-        cost = layer_cost(kind, c.layer, c.cls, rank, c.input_shape)
+        cost = layer_cost(measure, layer, cls, rank, input_shape)
         if cost < dense:
-            options.append((cost, c.cls.estimate_error(c.spectra, rank), rank))
+            options.append((cost, cls.estimate_error(spectra, rank), rank))
     options.append((dense, 0.0, None))
     return options
 
 
-def allocate(candidates: list[Candidate], budget: Budget, *, total: int, fixed: int) -> dict[str, Any]:
-    """Choose a rank (or ``None`` for dense) per candidate so that the model's total cost is
+def allocate(offers: list[Offer], budget: Budget, *, total: int, fixed: int, multiple: int = 1) -> list[Any]:
+    """Choose a rank (or ``None`` for dense) per offered layer so that the model's total cost is
     ``budget.fraction × total`` within 1%, minimising the summed estimated error.
 
     Greedy by marginal error reduction per unit of cost, first over each layer's lower convex
@@ -91,25 +85,29 @@ def allocate(candidates: list[Candidate], budget: Budget, *, total: int, fixed: 
     is left on upgrades that cost more but err no more, so the total lands on the target.
 
     Args:
-        candidates: the layers to allocate.
+        offers: the layers to allocate, as ``(module, class, spectra, input shape)``.
         budget: the target.
         total: the dense model's cost (parameters or FLOPs).
-        fixed: the cost of everything that is not a candidate.
+        fixed: the cost of everything that is not offered.
+        multiple: ranks restricted as by :func:`tdnn.ranks.rank_levels`.
+
+    Returns:
+        The chosen ranks, in the order of ``offers``.
 
     Raises:
         ValueError: if even the smallest ranks exceed the target.
     """
     target = budget.fraction * total - fixed
-    options = [_options(c, budget.kind) for c in candidates]
+    options = [_options(offer, budget.measure, multiple) for offer in offers]
     picks = [opts[0] for opts in options]
     spent = sum(p[0] for p in picks)
     if spent > target:
-        raise ValueError(f"Budget({budget.kind}={budget.fraction}) is out of reach: the smallest ranks "
-                         f"keep {(spent + fixed) / total:.3f} of the model's {budget.kind}")
+        raise ValueError(f"Budget({budget.measure}={budget.fraction}) is out of reach: the smallest ranks "
+                         f"keep {(spent + fixed) / total:.3f} of the model's {budget.measure}")
     for pool in ([_lower_hull(opts) for opts in options], options):
         spent = _greedy(picks, pool, spent, target, strict=True)
     _greedy(picks, options, spent, target, strict=False)
-    return {c.name: rank for c, (_, _, rank) in zip(candidates, picks)}
+    return [rank for _, _, rank in picks]
 
 
 def _greedy(picks: list[tuple[int, float, Any]], pool: list[list[tuple[int, float, Any]]],

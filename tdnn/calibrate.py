@@ -1,8 +1,9 @@
 """Activation statistics for data-aware initialisation.
 
 Forward hooks stream each target layer's input second moment ``E[x xᵀ]`` in float64 (memory
-O(n²) per layer, whatever the amount of data), where ``x`` is an input feature vector (Linear),
-an input pixel's channel vector (Tucker-2, CP) or an unfolded input patch (SVD of a conv). They
+O(n²) per layer, whatever the amount of data), where ``x`` is what the layer's weight multiplies
+as its kind sees it (:meth:`tdnn.registry.LayerKind.vectors`): an input feature vector (Linear), an
+input position's channel vector (Tucker-2, CP) or an unfolded input patch (SVD of a conv). They
 also find a BatchNorm that directly consumes a layer's output, whose per-channel scale weights
 the output error that matters.
 """
@@ -15,10 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from tdnn import registry
 from tdnn.batches import call
 
 
@@ -27,8 +28,8 @@ class InputStats:
     """Streaming second moment of a layer's inputs and what was learned about its surroundings.
 
     Attributes:
-        mode: ``"features"`` (last dim), ``"channels"`` (dim 1, per pixel) or ``"patches"``
-            (unfolded conv patches, ordered like ``weight.flatten(1)``).
+        geometry: ``"patches"`` (unfolded conv patches, ordered like ``weight.flatten(1)``; a
+            Linear layer's input features) or ``"channels"`` (each position's channel vector).
         gram: sum of ``x xᵀ`` (float64, on CPU).
         count: number of vectors summed.
         input_shape: shape of the first input seen (for FLOP counting).
@@ -37,7 +38,7 @@ class InputStats:
             reference model (sequential mode), else ``None``.
     """
 
-    mode: str
+    geometry: str
     gram: torch.Tensor | None = None
     count: int = 0
     input_shape: tuple[int, ...] | None = None
@@ -54,7 +55,7 @@ class InputStats:
                ) -> tuple[torch.Tensor, int]:
         """Add a batch ``x``; ``reference`` holds the same rows as seen by the reference model.
         Returns this batch's ``(Σ x xᵀ, count)``, for layers reading the same input (:meth:`add`)."""
-        vectors = _vectors(module, x.detach(), self.mode).to(torch.float64)
+        vectors = registry.kind_of(module).vectors(module, x.detach(), self.geometry).to(torch.float64)
         term = vectors.T @ vectors
         if reference is not None:
             self.cross = _add(self.cross, reference.T @ vectors)
@@ -77,19 +78,6 @@ def _add(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
     return term.cpu() if total is None else total + term.cpu()
 
 
-def _vectors(module: nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor:
-    """The input as rows of the vectors the layer's weight multiplies."""
-    if mode == "features":
-        return x.reshape(-1, x.shape[-1])
-    if mode == "channels":
-        return x.transpose(0, 1).reshape(x.shape[1], -1).T
-    # patches: pad exactly as the conv does, then unfold with its kernel, dilation and stride
-    pad_mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-    x = F.pad(x, module._reversed_padding_repeated_twice, mode=pad_mode)
-    cols = F.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-
-
 @dataclass
 class _Tracker:
     """Hooks for one calibration run."""
@@ -97,7 +85,7 @@ class _Tracker:
     stats: dict[str, InputStats]
     modules: dict[str, nn.Module]
     outputs: dict[str, Any] = field(default_factory=dict)  # name -> weakref to the latest output
-    # (mode, unfolding geometry) -> (weakref to an input, its version, Σ x xᵀ, count), this batch:
+    # vectors key -> (weakref to an input, its version, Σ x xᵀ, count), this batch:
     # layers reading the very same tensor the same way (Q, K, V) compute the product once
     terms: dict[tuple, tuple[Any, int, torch.Tensor, int]] = field(default_factory=dict)
     handles: list[Any] = field(default_factory=list)
@@ -120,9 +108,7 @@ class _Tracker:
             if x.is_inference():  # no version counter: cannot tell an in-place change, so no sharing
                 stats.update(module, x)
                 return
-            key = (stats.mode, (module.kernel_size, module.dilation, module.stride,
-                                module._reversed_padding_repeated_twice, module.padding_mode)
-                   if stats.mode == "patches" else None)
+            key = registry.kind_of(module).vectors_key(module, stats.geometry)
             seen = self.terms.get(key)
             if seen is not None and seen[0]() is x and seen[1] == x._version:
                 stats.add(x, *seen[2:])
@@ -132,7 +118,9 @@ class _Tracker:
 
     def _post(self, name: str):
         def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
-            self.outputs[name] = weakref.ref(output)
+            # a BatchNorm scales dim 1: the output channels of a conv, or of a matrix layer's 2-D output
+            if registry.kind_of(module).spatial or output.dim() == 2:
+                self.outputs[name] = weakref.ref(output)
         return hook
 
     def _bn(self, bn: nn.Module, args: tuple[Any, ...]) -> None:
@@ -155,13 +143,13 @@ def collect(model: nn.Module, batches: Iterable[Any], layers: dict[str, tuple[nn
         batches: iterable of model inputs: tensors, tuples of arguments, or dicts of keyword
             arguments; a ``(inputs, labels)`` pair from a DataLoader passes both to the model, so
             give inputs only.
-        layers: ``name -> (module, mode)`` with mode ``"features"``, ``"channels"`` or ``"patches"``.
+        layers: ``name -> (module, geometry)`` with geometry ``"patches"`` or ``"channels"``.
         progress: show a tqdm bar.
 
     Raises:
         ValueError: if no batch was given or a layer never saw an input.
     """
-    tracker = _Tracker({name: InputStats(mode) for name, (_, mode) in layers.items()},
+    tracker = _Tracker({name: InputStats(geometry) for name, (_, geometry) in layers.items()},
                        {name: module for name, (module, _) in layers.items()})
     tracker.attach(model)
     n = 0
@@ -192,13 +180,13 @@ def _evaluating(model: nn.Module):
 
 @torch.no_grad()
 def collect_cross(model: nn.Module, module: nn.Module, reference: nn.Module, ref_module: nn.Module,
-                  batches: Iterable[Any], mode: str) -> InputStats:
+                  batches: Iterable[Any], geometry: str) -> InputStats:
     """Input statistics of ``module`` in ``model`` together with their cross moment with the inputs
     of ``ref_module`` in ``reference`` (the uncompressed model) on the same batches."""
-    stats, seen = InputStats(mode), {}
+    stats, seen = InputStats(geometry), {}
 
     def remember(m: nn.Module, args: tuple[Any, ...]) -> None:
-        seen["x"] = _vectors(m, args[0].detach(), mode).to(torch.float64)
+        seen["x"] = registry.kind_of(m).vectors(m, args[0].detach(), geometry).to(torch.float64)
 
     def accumulate(m: nn.Module, args: tuple[Any, ...]) -> None:
         stats.update(m, args[0], seen.pop("x"))

@@ -23,6 +23,7 @@ import torch
 import tdnn
 from tdnn import _vision as vision
 from tdnn.io import read_header
+from tdnn.report import checkpoint_report, format_table
 
 
 def _input_shape(text: str) -> tuple[int, ...]:
@@ -68,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one input's shape for FLOPs (with --model; default 3,224,224)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    sub.add_parser("methods", help="list the registered methods and the layer kinds each applies to",
+                   description="Print every method, layer kind and factorized class tdnn knows, including "
+                               "ones registered by imported plug-ins.")
+
     p = sub.add_parser("finetune", help="fine-tune a compressed checkpoint (labels and/or distillation)",
                        description="Fine-tune CHECKPOINT on image data with the 'finetune' section of "
                                    "--config (flags override it), distilling from the dense model "
@@ -110,36 +115,15 @@ def _report(args: argparse.Namespace) -> None:
         return
     # Without the architecture: everything the checkpoint itself says.
     header = read_header(args.checkpoint)
-    plan = header["plan"]
     if args.json:
-        print(json.dumps({**{k: v for k, v in header.items() if k != "plan"}, "plan": plan.to_dict()},
+        print(json.dumps({**{k: v for k, v in header.items() if k != "plan"}, "plan": header["plan"].to_dict()},
                          indent=2, default=str))
         return
-    from safetensors import safe_open
-
-    with safe_open(args.checkpoint, framework="pt") as f:
-        params = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
-    rows = [("layer", "method", "rank", "rel.err", "note")]
-    for entry in plan.layers:
-        err = header["layers"].get(entry.name, {}).get("rel_error")
-        rank = "x".join(map(str, entry.rank)) if isinstance(entry.rank, (tuple, list)) else entry.rank
-        rows.append((entry.name, entry.method or "dense", "-" if rank is None else str(rank),
-                     "-" if err is None else f"{err:.4f}", entry.reason or ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for i, row in enumerate(rows):
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
-        if i == 0:
-            print("-" * (sum(widths) + 2 * (len(widths) - 1)))
-    print(f"\n{len(plan.factorized())} of {len(plan.layers)} layers factorized; {params:,} stored "
-          f"values (tensors incl. buffers); tdnn {header['tdnn_version']}, torch {header['torch_version']}")
-    print("pass --model (and --input-size) for parameters and FLOPs before/after")
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+    rep = checkpoint_report(args.checkpoint)
+    print(rep)
+    print(f"\n{len(header['plan'].factorized())} of {len(header['plan'].layers)} layers factorized; totals over "
+          f"these layers; tdnn {header['tdnn_version']}, torch {header['torch_version']}")
+    print("pass --model (and --input-size) for whole-model parameters and FLOPs")
 
 
 def _finetune(args: argparse.Namespace) -> None:
@@ -173,7 +157,17 @@ def _finetune(args: argparse.Namespace) -> None:
               f"saved to {args.out}")
 
 
-COMMANDS = {"compress": _compress, "report": _report, "finetune": _finetune}
+def _methods(args: argparse.Namespace) -> None:
+    rows = [[method, kind, cls.__name__, f"{cls.kind.dense_type.__module__}.{cls.kind.dense_type.__qualname__}"]
+            for method, kind, cls in tdnn.registry.forms()]
+    print(format_table(["method", "kind", "class", "replaces"], rows))
+    print(f"\nmethod 'auto': {', '.join(f'{k.name} -> {k.auto_method}' for k in tdnn.registry.kinds())}; "
+          "a plain matrix (Linear, 1x1 conv) uses svd unless the method has a form that takes matrices")
+    for qualified, module in tdnn.registry.pending_kinds().items():
+        print(f"{qualified}: registered by {module} when a model holding one is first compressed or loaded")
+
+
+COMMANDS = {"compress": _compress, "report": _report, "methods": _methods, "finetune": _finetune}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

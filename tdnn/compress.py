@@ -12,41 +12,32 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tdnn import calibrate, walk
-from tdnn.budget import Budget, Candidate, allocate
+from tdnn import calibrate, registry, walk
+from tdnn.budget import Budget, allocate
 from tdnn.calibrate import Whitening
 from tdnn.cost import layer_cost, model_flops
 from tdnn.latency import LatencyTimer, latency_ratio
-from tdnn.layers import CPConv2d, Factorized, SVDConv2d, SVDLinear, Tucker2Conv2d
+from tdnn.layers import Factorized
 from tdnn.plan import PLAN_ATTR, LayerPlan, Plan
-from tdnn.ranks import (NO_ENTRY, VBMF, Energy, RankRule, check_method, dense_param_count,
-                        rank_for_ratio, rank_from_spectra)
-
-# Methods for k×k convolutions; a new method is one more entry here.
-CONV_METHODS: dict[str, type[Factorized]] = {"svd": SVDConv2d, "tucker2": Tucker2Conv2d, "cp": CPConv2d}
-AUTO_CONV = "tucker2"
+from tdnn.ranks import NO_ENTRY, VBMF, Energy, RankRule, dense_param_count, rank_for_ratio, rank_from_spectra
 
 FilterFn = Callable[[nn.Module, str], bool]
 
 
-def factorized_class(module: nn.Module, method: str) -> type[Factorized]:
-    """The layer class for ``module`` under ``method``.
-
-    A Linear layer or a 1×1 convolution is a matrix, for which Tucker-2 and CP both reduce to
-    the SVD, so those always use SVD; k×k convolutions use ``method`` (Tucker-2 for ``"auto"``).
-    """
-    if isinstance(module, nn.Linear):
-        return SVDLinear
-    if tuple(module.kernel_size) == (1, 1):
-        return SVDConv2d
-    return CONV_METHODS[AUTO_CONV if method == "auto" else method]
+def _ties(model: nn.Module) -> dict[int, list[str]]:
+    """Parameter id -> the names of the modules holding it, for parameters held by several."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for param in module.parameters(recurse=False):
+            owners.setdefault(id(param), []).append(name or "<root>")
+    return {key: names for key, names in owners.items() if len(names) > 1}
 
 
-def _why_not(name: str, module: nn.Module, parent: nn.Module | None) -> str | None:
+def _why_not(name: str, module: nn.Module, parent: nn.Module | None, ties: dict[int, list[str]]) -> str | None:
     """Reasons that hold whatever the rank: modules that must stay as they are."""
     if isinstance(parent, nn.MultiheadAttention) and module is parent.out_proj:
         return "nn.MultiheadAttention reads out_proj.weight directly and never calls it"
-    base = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d
+    base = registry.kind_of(module).dense_type
     if type(module).forward is not base.forward:
         return f"{type(module).__name__} overrides forward; its behaviour is not a plain {base.__name__}"
     if isinstance(module.weight, nn.parameter.UninitializedParameter):
@@ -58,12 +49,15 @@ def _why_not(name: str, module: nn.Module, parent: nn.Module | None) -> str | No
         return "weight is parametrized; call torch.nn.utils.parametrize.remove_parametrizations first"
     if any(type(h).__name__ in ("WeightNorm", "SpectralNorm") for h in module._forward_pre_hooks.values()):
         return "weight is recomputed by a weight_norm/spectral_norm hook; remove it first"
+    others = [n for n in ties.get(id(module.weight), []) if n != (name or "<root>")]
+    if others:
+        return f"weight is tied to {', '.join(others)} (the same Parameter); factorizing would untie them"
     return None
 
 
 @dataclass
-class _Layer:
-    """A layer on its way through compress_model."""
+class _Job:
+    """A layer on its way through compress_model: the module, its plan entry, and what is known."""
 
     name: str
     module: nn.Module
@@ -74,10 +68,10 @@ class _Layer:
 
 
 def _select(name: str, module: nn.Module, parent: nn.Module | None, rule: RankRule | None,
-            method: str, filter_fn: FilterFn | None) -> _Layer:
+            method: str, filter_fn: FilterFn | None, ties: dict[int, list[str]]) -> _Job:
     """Decide whether and how a layer is factorized, before any rank is known."""
-    layer = _Layer(name, module, LayerPlan(name=name, kind="Linear" if isinstance(module, nn.Linear) else "Conv2d"))
-    reason = _why_not(name, module, parent)
+    layer = _Job(name, module, LayerPlan(name=name, kind=registry.kind_of(module).name))
+    reason = _why_not(name, module, parent, ties)
     if reason is None and filter_fn is not None and not filter_fn(module, name):
         reason = "excluded by filter_fn"
     if reason is None and rule is not None:
@@ -91,8 +85,9 @@ def _select(name: str, module: nn.Module, parent: nn.Module | None, rule: RankRu
         else:
             layer.rank_spec, method = spec.rank, spec.method or method
     if reason is None:
-        layer.cls = factorized_class(module, check_method(method, f"{name}: method"))
-        reason = layer.cls.unsupported(module)
+        layer.cls = registry.factorized_class(module, registry.check_method(method, f"{name}: method"))
+        reason = (f"method {method!r} has no form for {layer.entry.kind} layers" if layer.cls is None
+                  else layer.cls.unsupported(module))
     if reason is not None:
         layer.entry.reason, layer.cls = reason, None
         return layer
@@ -103,13 +98,7 @@ def _select(name: str, module: nn.Module, parent: nn.Module | None, rule: RankRu
     return layer
 
 
-def _stat_mode(layer: _Layer) -> str:
-    if isinstance(layer.module, nn.Linear):
-        return "features"
-    return "patches" if layer.cls.flat else "channels"
-
-
-def _rank(layer: _Layer, multiple: int) -> Any:
+def _rank(layer: _Job, multiple: int) -> Any:
     """The concrete rank from the layer's own spec."""
     cls, module, spec, name = layer.cls, layer.module, layer.rank_spec, layer.name
     if isinstance(spec, float):
@@ -121,7 +110,7 @@ def _rank(layer: _Layer, multiple: int) -> Any:
     return cls.check_rank(module, spec, name)
 
 
-def _accept(layer: _Layer, rank: Any) -> None:
+def _accept(layer: _Job, rank: Any) -> None:
     """Record ``rank`` in the plan, or keep the layer dense if that would not save parameters."""
     factor_params, dense_params = layer_cost("params", layer.module, layer.cls, rank), dense_param_count(layer.module)
     if factor_params >= dense_params:
@@ -133,9 +122,9 @@ def _accept(layer: _Layer, rank: Any) -> None:
         layer.entry.data_aware = layer.whitening is not None
 
 
-def _whiten(model: nn.Module, layers: list[_Layer], batches: list[Any], damping: float,
+def _whiten(model: nn.Module, layers: list[_Job], batches: list[Any], damping: float,
             progress: bool) -> dict[str, calibrate.InputStats]:
-    stats = calibrate.collect(model, batches, {l.name: (l.module, _stat_mode(l)) for l in layers},
+    stats = calibrate.collect(model, batches, {l.name: (l.module, l.cls.geometry) for l in layers},
                               progress=progress)
     whitening = calibrate.whitenings(stats, damping)
     for l in layers:
@@ -143,30 +132,31 @@ def _whiten(model: nn.Module, layers: list[_Layer], batches: list[Any], damping:
     return stats
 
 
-def _allocate(model: nn.Module, layers: list[_Layer], budget: Budget,
+def _allocate(model: nn.Module, layers: list[_Job], budget: Budget,
               stats: dict[str, calibrate.InputStats], batches: list[Any] | None, multiple: int) -> None:
-    if budget.kind == "flops" and batches is None:
+    if budget.measure == "flops" and batches is None:
         raise ValueError("Budget(flops=...) needs calibration data: FLOPs depend on the input size")
-    candidates = [Candidate(l.name, l.module, l.cls, l.cls.spectra(l.module, l.whitening, name=l.name),
-                            stats[l.name].input_shape if stats else None, multiple) for l in layers]
-    if budget.kind == "params":
+    shapes = [stats[l.name].input_shape if stats else None for l in layers]
+    if budget.measure == "params":
         total = sum(p.numel() for p in model.parameters())
     else:
         total = model_flops(model, batches[0])
-    fixed = total - sum(layer_cost(budget.kind, c.layer, input_shape=c.input_shape) for c in candidates)
-    for l, rank in zip(layers, allocate(candidates, budget, total=total, fixed=fixed).values()):
+    fixed = total - sum(layer_cost(budget.measure, l.module, input_shape=shape) for l, shape in zip(layers, shapes))
+    offers = [(l.module, l.cls, l.cls.spectra(l.module, l.whitening, name=l.name), shape)
+              for l, shape in zip(layers, shapes)]
+    for l, rank in zip(layers, allocate(offers, budget, total=total, fixed=fixed, multiple=multiple)):
         if rank is None:
             l.entry.reason, l.cls = "the budget keeps this layer dense", None
         else:
             _accept(l, rank)
 
 
-def _refit(model: nn.Module, reference: nn.Module, layer: _Layer, batches: list[Any], damping: float,
+def _refit(model: nn.Module, reference: nn.Module, layer: _Job, batches: list[Any], damping: float,
            out_scale: torch.Tensor | None) -> None:
     """Sequential mode: whiten ``layer`` by the inputs it gets behind the already-compressed
     layers, aiming at the original layer's outputs on the original inputs."""
     stats = calibrate.collect_cross(model, layer.module, reference, reference.get_submodule(layer.name),
-                                    batches, _stat_mode(layer))
+                                    batches, layer.cls.geometry)
     layer.whitening = Whitening(stats.cov, out_scale, damping=damping, cross=stats.cross_cov)
 
 
@@ -178,7 +168,7 @@ def _timer(latency_aware: bool | LatencyTimer, calibration: Iterable[Any] | None
     return latency_ratio if latency_aware is True else latency_aware
 
 
-def _faster(layer: _Layer, new: Factorized, timer: LatencyTimer, input_shape: tuple[int, ...]) -> bool:
+def _faster(layer: _Job, new: Factorized, timer: LatencyTimer, input_shape: tuple[int, ...]) -> bool:
     """Time ``new`` against the dense layer; keep the dense one (with the reason) unless faster."""
     weight = layer.module.weight
     x = torch.randn(input_shape, dtype=weight.dtype, device=weight.device)
@@ -261,7 +251,7 @@ def compress_model(model: nn.Module, ranks: Any = None, *, method: str = "auto",
         >>> calibrated.tdnn_plan["3"].data_aware
         True
     """
-    check_method(method)
+    registry.check_method(method)
     if (ranks is None) == (budget is None):
         raise ValueError("give exactly one of ranks= or budget= (choose layers for a budget with "
                          "filter_fn and the method with method=)")
@@ -276,7 +266,8 @@ def compress_model(model: nn.Module, ranks: Any = None, *, method: str = "auto",
     found = list(walk.named_layers(model))
     if not found:
         raise ValueError(f"{type(model).__name__} has no nn.Linear or nn.Conv2d layers to compress")
-    layers = [_select(name, module, parent, rule, method, filter_fn) for name, module, parent in found]
+    ties = _ties(model)
+    layers = [_select(name, module, parent, rule, method, filter_fn, ties) for name, module, parent in found]
     if rule is not None:
         for key in rule.unused_keys():
             warnings.warn(f"ranks: pattern '{key}' matches no layer of {type(model).__name__}", stacklevel=2)

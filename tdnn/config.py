@@ -37,7 +37,8 @@ import yaml
 
 from tdnn.compress import compress_model
 from tdnn.finetune import finetune
-from tdnn.ranks import RankRule, check_method
+from tdnn.ranks import RankRule
+from tdnn.registry import check_method
 
 # Section -> the function whose keyword arguments it holds.
 SECTIONS: dict[str, Callable[..., Any]] = {"compress": compress_model, "finetune": finetune}

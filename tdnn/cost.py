@@ -15,8 +15,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from tdnn import registry
 from tdnn.batches import call
-from tdnn.layers.base import Factorized, dense_kwargs
+from tdnn.layers.base import Factorized
 
 
 def model_flops(model: nn.Module, batch: Any) -> int:
@@ -27,9 +28,9 @@ def model_flops(model: nn.Module, batch: Any) -> int:
     return counter.get_total_flops()
 
 
-def layer_cost(kind: str, layer: nn.Module, cls: type[Factorized] | None = None, rank: Any = None,
+def layer_cost(measure: str, layer: nn.Module, cls: type[Factorized] | None = None, rank: Any = None,
                input_shape: tuple[int, ...] | None = None) -> int:
-    """Parameters (``kind="params"``) or FLOPs on ``input_shape`` (``kind="flops"``) of the dense
+    """Parameters (``measure="params"``) or FLOPs on ``input_shape`` (``measure="flops"``) of the dense
     ``layer`` (``cls=None``), or of ``cls`` at ``rank`` standing in for it.
 
     Example:
@@ -40,30 +41,30 @@ def layer_cost(kind: str, layer: nn.Module, cls: type[Factorized] | None = None,
     """
     signature = _signature(layer)
     if cls is None:
-        return _counted(kind, None, signature, None, input_shape)
-    polynomial = _polynomial(kind, cls, signature, input_shape, cls.max_rank(layer))
-    return _counted(kind, cls, signature, rank, input_shape) if polynomial is None else polynomial(rank)
+        return _counted(measure, None, signature, None, input_shape)
+    polynomial = _polynomial(measure, cls, signature, input_shape, cls.max_rank(layer))
+    return _counted(measure, cls, signature, rank, input_shape) if polynomial is None else polynomial(rank)
 
 
 def _signature(layer: nn.Module) -> tuple:
-    """What the cost depends on: the layer type, dtype and constructor arguments."""
-    base = nn.Linear if isinstance(layer, nn.Linear) else nn.Conv2d
-    return base, layer.weight.dtype, tuple(sorted(dense_kwargs(layer).items()))
+    """What the cost depends on: the layer kind, dtype and constructor arguments."""
+    kind = registry.kind_of(layer)
+    return kind.name, layer.weight.dtype, tuple(sorted(kind.dense_kwargs(layer).items()))
 
 
 @lru_cache(maxsize=65536)
-def _counted(kind: str, cls: type[Factorized] | None, signature: tuple, rank: Any,
+def _counted(measure: str, cls: type[Factorized] | None, signature: tuple, rank: Any,
              input_shape: tuple[int, ...] | None) -> int:
-    base, dtype, kwargs = signature
-    meta = base(**dict(kwargs), device="meta", dtype=dtype)
+    kind, dtype, kwargs = signature
+    meta = registry.kind_named(kind).build(dict(kwargs), device="meta", dtype=dtype)
     module = meta if cls is None else cls.structure(meta, rank, device="meta")
-    if kind == "params":
+    if measure == "params":
         return sum(p.numel() for p in module.parameters())
     return model_flops(module, torch.empty(input_shape, device="meta", dtype=dtype))
 
 
 @lru_cache(maxsize=4096)
-def _polynomial(kind: str, cls: type[Factorized], signature: tuple, input_shape: tuple[int, ...] | None,
+def _polynomial(measure: str, cls: type[Factorized], signature: tuple, input_shape: tuple[int, ...] | None,
                 top: Any) -> Callable[[Any], int] | None:
     """The cost at any rank from a few counted ones: each factor's parameters and FLOPs are affine
     in each rank component (bilinear in Tucker-2's pair), so ranks 1 and 2 per component fix them.
@@ -71,7 +72,7 @@ def _polynomial(kind: str, cls: type[Factorized], signature: tuple, input_shape:
     pair = isinstance(top, tuple)
     if min(top if pair else (top,)) < 2:
         return None
-    f = {r: _counted(kind, cls, signature, r, input_shape)
+    f = {r: _counted(measure, cls, signature, r, input_shape)
          for r in ([(a, b) for a in (1, 2) for b in (1, 2)] if pair else [1, 2])}
     if pair:
         c11 = f[2, 2] - f[1, 2] - f[2, 1] + f[1, 1]
@@ -86,4 +87,4 @@ def _polynomial(kind: str, cls: type[Factorized], signature: tuple, input_shape:
 
         def polynomial(r: Any) -> int:
             return c0 + c1 * r
-    return polynomial if polynomial(top) == _counted(kind, cls, signature, top, input_shape) else None
+    return polynomial if polynomial(top) == _counted(measure, cls, signature, top, input_shape) else None

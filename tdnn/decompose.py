@@ -135,7 +135,7 @@ def tucker2(
 @torch.no_grad()
 def cp(
     weight: torch.Tensor, rank: int, *, n_iter_max: int = 25, tol: float = 1e-4
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, ...]:
     """CP (PARAFAC) of a conv kernel: tensorly's SVD start, then alternating least squares.
 
     The ALS sweeps are done here with a matricised-tensor-times-Khatri-Rao product that never
@@ -144,27 +144,27 @@ def cp(
     or more run the sweeps in float32 (ample for factors that fine-tuning refines anyway).
 
     Args:
-        weight: kernel of shape ``(S, C, kh, kw)``.
+        weight: kernel of shape ``(S, C, *k)`` with one or more spatial axes.
         rank: number of rank-one components ``R``.
         n_iter_max: ALS sweeps at most.
         tol: stop when a sweep lowers the error by less than this fraction of it.
 
     Returns:
-        Factors ``(S, R)``, ``(C, R)``, ``(kh, R)``, ``(kw, R)`` with
+        Factors ``(S, R)``, ``(C, R)`` and one ``(k_i, R)`` per spatial axis, e.g. for a 2-D kernel
         ``weight[s, c, i, j] ≈ Σ_r out[s, r] in[c, r] vertical[i, r] horizontal[j, r]``; the
-        component scales are spread evenly over the four factors.
+        component scales are spread evenly over the factors.
     """
     w = _f64(weight)
     with tl.backend_context("pytorch"), _quiet():
         _, factors = initialize_cp(w, rank, init="svd", svd=_tensorly_svd, random_state=SEED)
     dtype = torch.float32 if w.numel() >= 2 ** 20 else torch.float64
     w = w.to(dtype)
-    s_, c_, kh, kw = w.shape
-    w_out = w.reshape(s_, -1)                        # (S, C·kh·kw)
-    w_in = w.transpose(0, 1).reshape(c_, -1)         # (C, S·kh·kw)
+    s_, c_, *ks = w.shape
+    w_out = w.reshape(s_, -1)                        # (S, C·k…)
+    w_in = w.transpose(0, 1).reshape(c_, -1)         # (C, S·k…)
     norm2, error = float(w.double().square().sum()), float("inf")
 
-    fs = [f.to(dtype) for f in factors]              # out (S, R), in (C, R), vertical, horizontal
+    fs = [f.to(dtype) for f in factors]              # out (S, R), in (C, R), one (k_i, R) per axis
     grams = [f.T @ f for f in fs]                    # R×R, refreshed as each factor changes
 
     def update(i: int, mttkrp: torch.Tensor) -> torch.Tensor:
@@ -183,21 +183,24 @@ def cp(
             out = (out[:, None, :] * f[None, :, :]).reshape(-1, rank)
         return out
 
+    axes = "ijklmn"[:len(ks)]
     for _ in range(n_iter_max):
-        a = update(0, w_out @ khatri_rao(fs[1], fs[2], fs[3]))
-        b = update(1, w_in @ khatri_rao(a, fs[2], fs[3]))
-        t = (a.T @ w_out).reshape(rank, c_, kh, kw)                  # contract S once for both
-        tb = torch.einsum("rcij,cr->rij", t, b)
-        h = update(2, torch.einsum("rij,jr->ir", tb, fs[3]))
-        mttkrp_v = torch.einsum("rij,ir->jr", tb, h)
-        v = update(3, mttkrp_v)
-        # ‖W − Ŵ‖² = ‖W‖² − 2⟨W, Ŵ⟩ + ‖Ŵ‖², all from R×R products
-        inner = float((mttkrp_v * v).sum())
+        a = update(0, w_out @ khatri_rao(*fs[1:]))
+        b = update(1, w_in @ khatri_rao(a, *fs[2:]))
+        t = (a.T @ w_out).reshape(rank, c_, *ks)                     # contract S once for all axes
+        tb = torch.einsum(f"rc{axes},cr->r{axes}", t, b)              # (R, *k)
+        for d, axis in enumerate(axes):  # each spatial factor from tb and the other spatial factors
+            others = [(x, fs[2 + e]) for e, x in enumerate(axes) if e != d]
+            spec = ",".join([f"r{axes}", *(f"{x}r" for x, _ in others)]) + f"->{axis}r"
+            mttkrp = torch.einsum(spec, tb, *(f for _, f in others))
+            update(2 + d, mttkrp)
+        # ‖W − Ŵ‖² = ‖W‖² − 2⟨W, Ŵ⟩ + ‖Ŵ‖², all from R×R products (the last MTTKRP gives ⟨W, Ŵ⟩)
+        inner = float((mttkrp * fs[-1]).sum())
         previous, error = error, max(norm2 - 2 * inner + float(math.prod(grams).sum()), 0.0) ** 0.5 / norm2 ** 0.5
         if previous - error < tol * previous:
             break
 
     factors = [f.double() for f in fs]
-    norms = torch.stack([f.norm(dim=0) for f in factors])            # (4, R)
-    scale = norms.prod(0).pow(1 / 4)
+    norms = torch.stack([f.norm(dim=0) for f in factors])            # (modes, R)
+    scale = norms.prod(0).pow(1 / len(factors))
     return tuple(f / n.clamp_min(1e-300) * scale for f, n in zip(factors, norms))

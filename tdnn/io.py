@@ -20,23 +20,18 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tdnn import walk
-from tdnn.compress import factorized_class
-from tdnn.layers.base import Factorized, dense_kwargs
+from tdnn import registry, walk
+from tdnn.layers.base import Factorized
 from tdnn.plan import PLAN_ATTR, LayerPlan, Plan
-from tdnn.ranks import check_method
 
 FORMAT = "tdnn-checkpoint"
 FORMAT_VERSION = 1
-LAYER_TYPES = (nn.Linear, nn.Conv2d, Factorized)
 
 PathLike = str | os.PathLike
 
 
 def _kind(module: nn.Module) -> str:
-    if isinstance(module, Factorized):
-        return module.dense_type.__name__
-    return "Linear" if isinstance(module, nn.Linear) else "Conv2d"
+    return module.kind.name if isinstance(module, Factorized) else registry.kind_of(module).name
 
 
 def current_plan(model: nn.Module) -> Plan:
@@ -49,7 +44,7 @@ def current_plan(model: nn.Module) -> Plan:
     previous = getattr(model, PLAN_ATTR, None)
     entries = {e.name: e for e in previous.layers} if isinstance(previous, Plan) else {}
     layers = []
-    for name, module, _ in walk.named_layers(model, LAYER_TYPES):
+    for name, module, _ in walk.named_layers(model, walk.layer_or_factorized):
         old = entries.get(name)
         if isinstance(module, Factorized):
             agrees = old is not None and (old.method, old.rank) == (module.method, module.rank)
@@ -123,7 +118,7 @@ def save(model: nn.Module, path: PathLike) -> None:
 
     plan = current_plan(model)
     layers = {name: {"class": type(m).__name__, "dense_kwargs": m.dense_kwargs, "rel_error": m.rel_error}
-              for name, m, _ in walk.named_layers(model, LAYER_TYPES) if isinstance(m, Factorized)}
+              for name, m, _ in walk.named_layers(model, walk.layer_or_factorized) if isinstance(m, Factorized)}
     tensors, aliases = _tensors(model)
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "tdnn_version": tdnn.__version__,
                 "torch_version": torch.__version__, "plan": json.dumps(plan.to_dict()),
@@ -185,11 +180,11 @@ def _replacement(entry: LayerPlan, module: nn.Module | None, saved: Mapping[str,
     if not entry.factorized:
         return None
     info = saved.get(entry.name)
-    if info is not None and _jsonable(dense_kwargs(module)) != info["dense_kwargs"]:
+    if info is not None and _jsonable(registry.kind_of(module).dense_kwargs(module)) != info["dense_kwargs"]:
         raise ValueError(f"{name}: the model's layer {module} does not match the saved layer "
                          f"{entry.kind}({info['dense_kwargs']})")
-    cls = factorized_class(module, check_method(entry.method, f"{name}: method"))
-    if cls.method != entry.method:
+    cls = registry.factorized_class(module, registry.check_method(entry.method, f"{name}: method"))
+    if cls is None or cls.method != entry.method:
         raise ValueError(f"{name}: the plan uses method {entry.method!r}, which does not apply to {module}")
     new = cls.structure(module, entry.rank, name=name)
     if info is not None:
@@ -225,7 +220,7 @@ def _apply(model: nn.Module, plan: Plan | Mapping[str, Any], saved: Mapping[str,
         plan = Plan.from_dict(plan)
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be a tdnn.Plan or its to_dict(), got {type(plan).__name__}")
-    layers = {name: module for name, module, _ in walk.named_layers(model, LAYER_TYPES)}
+    layers = {name: module for name, module, _ in walk.named_layers(model, walk.layer_or_factorized)}
     replacements = {}
     for entry in plan.layers:  # check everything before touching the model
         module = layers.get(entry.name)

@@ -17,7 +17,7 @@ MERGED = "merged back to dense by tdnn.merge"
 
 def merge(model: nn.Module, *, filter_fn: Callable[[nn.Module, str], bool] | None = None,
           inplace: bool = False) -> nn.Module:
-    """Replace every factorized layer of ``model`` by the equivalent dense ``nn.Linear`` / ``nn.Conv2d``.
+    """Replace every factorized layer of ``model`` by the equivalent dense layer of its original kind.
 
     The dense weight is the product of the factors (:meth:`tdnn.Factorized.to_dense`), so the
     merged model computes the same function as the factorized one, up to floating-point rounding.
@@ -46,7 +46,7 @@ def merge(model: nn.Module, *, filter_fn: Callable[[nn.Module, str], bool] | Non
     """
     if not inplace:
         model = copy.deepcopy(model)
-    merged = {name: module for name, module, _ in walk.named_layers(model, (Factorized,))
+    merged = {name: module for name, module, _ in walk.named_layers(model, lambda m: isinstance(m, Factorized))
               if filter_fn is None or filter_fn(module, name)}
     model = walk.swap(model, {id(module): module.to_dense() for module in merged.values()})
     plan = getattr(model, PLAN_ATTR, None)

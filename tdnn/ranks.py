@@ -28,12 +28,9 @@ import torch
 from torch import nn
 
 from tdnn.cost import layer_cost
-from tdnn.layers.base import Factorized
+from tdnn.layers.base import Factorized, rank_components
+from tdnn.registry import check_method
 from tdnn.vbmf import evbmf_rank
-
-METHODS = ("auto", "svd", "tucker2", "cp")
-
-
 
 @dataclass(frozen=True)
 class Energy:
@@ -84,36 +81,22 @@ class LayerSpec:
             check_method(self.method)
 
 
-def check_method(method: Any, where: str = "method") -> str:
-    """Return ``method`` if it names a known method, else raise ``ValueError``."""
-    if method not in METHODS:
-        raise ValueError(f"{where}: unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    return method
-
-
 def check_rank_value(rank: Any, where: str) -> RankValue:
     """Validate one rank value (not yet against a layer)."""
     if rank is None or isinstance(rank, (Energy, VBMF)):
         return rank
     if isinstance(rank, str):
         return _parse_rule(rank, where)
-    if isinstance(rank, bool):
-        raise TypeError(f"{where}: rank must be an int, a float ratio or a pair of ints, got {rank!r}")
-    if isinstance(rank, int):
-        if rank < 1:
-            raise ValueError(f"{where}: rank={rank} must be at least 1")
-        return rank
     if isinstance(rank, float):
         if not (0.0 < rank <= 1.0):  # also rejects NaN
             raise ValueError(f"{where}: ratio={rank} must be in (0, 1]")
         return rank
-    if (isinstance(rank, (tuple, list)) and len(rank) == 2
-            and all(isinstance(r, int) and not isinstance(r, bool) for r in rank)):
-        for r in rank:
-            check_rank_value(r, where)
-        return tuple(rank)
-    raise TypeError(f"{where}: rank must be an int, a float ratio in (0, 1], a pair of ints or None, "
-                    f"got {rank!r}")
+    if isinstance(rank, bool) or not isinstance(rank, (int, tuple, list)) or (
+            not isinstance(rank, int) and len(rank) != 2):
+        raise TypeError(f"{where}: rank must be an int, a float ratio in (0, 1], a pair of ints or None, "
+                        f"got {rank!r}")
+    parts = rank_components(rank, 1 if isinstance(rank, int) else 2, where)
+    return rank if isinstance(rank, int) else parts
 
 
 def _parse_rule(text: str, where: str) -> Energy | VBMF:
@@ -136,9 +119,9 @@ def rank_from_spectra(cls: type[Factorized], layer: nn.Module, rule: Energy | VB
     ``spectra`` are :meth:`Factorized.spectra` of the layer (whitened for energy when calibrated,
     raw for VBMF). One rank per spectrum: an int for SVD, ``(r_out, r_in)`` for Tucker-2.
     """
-    if cls.method == "cp":
-        raise ValueError(f"{name}: energy and VBMF ranks are defined for svd and tucker2, not cp; "
-                         "give a cp layer an int or a ratio")
+    if not cls.spectral_ranks:
+        raise ValueError(f"{name}: energy and VBMF ranks are read off singular values, which do not "
+                         f"give {cls.method} ranks; give a {cls.method} layer an int or a ratio")
     ranks = []
     if isinstance(rule, Energy):
         for s in spectra:

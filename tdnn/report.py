@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -9,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from tdnn import walk
+from tdnn import registry, walk
 from tdnn.batches import call
 from tdnn.cost import model_flops
 from tdnn.layers.base import Factorized
@@ -74,15 +76,21 @@ class Report:
         total += [_mflops(self.flops_before), _mflops(self.flops_after)] if flops else []
         total += [""] + ([""] if latency else []) + [f"params x{self.param_ratio:.3f}"
                   + (f", FLOPs x{self.flop_ratio:.3f}" if flops else ", pass inputs= for FLOPs")]
-        widths = [max(len(str(c)) for c in col) for col in zip(head, *rows, total)]
-        right = {4, 5, 6, 7} if flops else {4, 5}
+        return format_table(head, rows, total, right={4, 5, 6, 7} if flops else {4, 5})
 
-        def line(cells: list[str]) -> str:
-            return "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                             for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
-        rule = "-" * len(line(total))
-        return "\n".join([line(head), rule, *map(line, rows), rule, line(total)])
+def format_table(head: list[str], rows: list[list[str]], total: list[str] | None = None, *,
+                 right: set[int] = frozenset()) -> str:
+    """A plain-text table: a head, a rule, the rows (and a rule and a total row); the columns in
+    ``right`` are right-aligned."""
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *rows, *([total] if total else []))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    rule = "-" * max(len(line(r)) for r in [head, *rows, *([total] if total else [])])
+    return "\n".join([line(head), rule, *map(line, rows), *([rule, line(total)] if total else [])])
 
 
 def _fmt_rank(rank: Any) -> str:
@@ -123,19 +131,19 @@ def report(model: nn.Module, inputs: Any = None) -> Report:
     """
     plan = getattr(model, PLAN_ATTR, None)
     entries = {entry.name: entry for entry in plan.layers} if isinstance(plan, Plan) else {}
-    layers = list(walk.named_layers(model, (nn.Linear, nn.Conv2d, Factorized)))
+    layers = list(walk.named_layers(model, walk.layer_or_factorized))
     records, seen_inputs = [], {}
     for name, module, _ in layers:
         entry = entries.get(name)
         if isinstance(module, Factorized):
             after = sum(p.numel() for p in module.parameters())
-            before = dense_param_count(module.dense_type(**module.dense_kwargs, device="meta"))
-            records.append(LayerRecord(name, module.dense_type.__name__, module.method, module.rank,
+            before = dense_param_count(module.kind.build(module.dense_kwargs, device="meta"))
+            records.append(LayerRecord(name, module.kind.name, module.method, module.rank,
                                        before, after, rel_error=module.rel_error,
                                        latency_ratio=getattr(entry, "latency_ratio", None)))
         else:
             count = dense_param_count(module)
-            records.append(LayerRecord(name, type(module).__name__, None, None, count, count,
+            records.append(LayerRecord(name, registry.kind_of(module).name, None, None, count, count,
                                        note=getattr(entry, "reason", None),
                                        latency_ratio=getattr(entry, "latency_ratio", None)))
 
@@ -167,3 +175,36 @@ def report(model: nn.Module, inputs: Any = None) -> Report:
     rep.flops_before = rep.flops_after + sum(
         r.flops_before - r.flops_after for r in records if r.flops_after is not None)
     return rep
+
+
+def checkpoint_report(path: str | os.PathLike[str]) -> Report:
+    """What a checkpoint written by :func:`tdnn.save` says, without the model: per layer the method,
+    rank, saved weight error and parameters before and after (read off the stored tensor shapes and
+    each factorized layer's original constructor arguments). Totals cover the listed layers only;
+    :func:`report` on the loaded model gives whole-model totals and FLOPs.
+
+    Raises:
+        ValueError: if ``path`` is not a tdnn checkpoint.
+    """
+    from safetensors import safe_open
+
+    from tdnn.io import read_header
+
+    header = read_header(path)
+    with safe_open(os.fspath(path), framework="pt") as f:
+        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    shapes.update({alias: shapes[stored] for alias, stored in header["aliases"].items()})
+    records = []
+    for entry in header["plan"].layers:
+        prefix = f"{entry.name}." if entry.name else ""
+        after = sum(math.prod(shape) for key, shape in shapes.items() if key.startswith(prefix)
+                    and (entry.factorized or "." not in key[len(prefix):]))
+        saved = header["layers"].get(entry.name, {})
+        before = after
+        if entry.factorized:
+            dense = registry.kind_named(entry.kind).build(saved["dense_kwargs"], device="meta")
+            before = dense_param_count(dense)
+        records.append(LayerRecord(entry.name, entry.kind, entry.method, entry.rank, before, after,
+                                   rel_error=saved.get("rel_error"), latency_ratio=entry.latency_ratio,
+                                   note=entry.reason))
+    return Report(records, sum(r.params_before for r in records), sum(r.params_after for r in records))

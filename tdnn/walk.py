@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from torch import nn
 
+from tdnn import registry
 from tdnn.layers.base import Factorized
 
 
-def named_layers(model: nn.Module, types: tuple[type, ...] = (nn.Linear, nn.Conv2d)
+def layer_or_factorized(module: nn.Module) -> bool:
+    """Whether ``module`` is a dense layer of a registered kind or a factorized one."""
+    return isinstance(module, Factorized) or registry.is_layer(module)
+
+
+def named_layers(model: nn.Module, match: Callable[[nn.Module], bool] = registry.is_layer
                  ) -> Iterator[tuple[str, nn.Module, nn.Module | None]]:
-    """Yield ``(name, module, parent)`` for each distinct module of ``types``, in definition order.
+    """Yield ``(name, module, parent)`` for each distinct module for which ``match`` holds (by
+    default: dense layers of a registered kind), in definition order.
 
     A module reachable under several names is yielded once, with its first name. The walk does
     not enter :class:`~tdnn.layers.Factorized` modules, whose children are already factors.
     The root itself is yielded (with name ``""`` and parent ``None``) when it matches.
     """
-    if isinstance(model, types):
+    if match(model):
         yield "", model, None
     seen: set[int] = {id(model)}
 
@@ -29,7 +36,7 @@ def named_layers(model: nn.Module, types: tuple[type, ...] = (nn.Linear, nn.Conv
                 continue
             seen.add(id(child))
             name = f"{prefix}.{key}" if prefix else key
-            if isinstance(child, types):
+            if match(child):
                 yield name, child, parent
             yield from visit(name, child)
 

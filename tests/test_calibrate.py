@@ -71,15 +71,16 @@ def test_svd_conv_patch_whitening_is_never_worse():
         assert output_error(aware, conv, x) <= output_error(plain, conv, x) + 1e-12
 
 
-def test_patches_match_the_conv():
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(4, 5, (3, 2), stride=(2, 1), padding=(1, 1), dilation=(1, 2), bias=False,
+              padding_mode="circular", dtype=torch.float64),
+], ids=["conv2d"])
+def test_patches_match_the_conv(conv):
     # The unfolded patches must be exactly what the conv multiplies: W·patch == conv output.
-    conv = nn.Conv2d(4, 5, (3, 2), stride=(2, 1), padding=(1, 1), dilation=(1, 2), bias=False,
-                     padding_mode="circular", dtype=torch.float64)
-    x = torch.randn(2, 4, 7, 9, dtype=torch.float64)
-    patches = calibrate._vectors(conv, x, "patches")
+    x = torch.randn(2, 4, 7, 9, dtype=torch.float64)[..., :9 if isinstance(conv, nn.Conv2d) else 1].squeeze(-1)
+    patches = tdnn.registry.kind_of(conv).vectors(conv, x, "patches")
     y = conv(x)
-    torch.testing.assert_close(patches @ conv.weight.flatten(1).T,
-                               y.permute(0, 2, 3, 1).reshape(-1, 5))
+    torch.testing.assert_close(patches @ conv.weight.flatten(1).T, y.movedim(1, -1).reshape(-1, 5))
 
 
 @pytest.mark.parametrize("cls,rank", [(tdnn.SVDLinear, 10), (tdnn.SVDConv2d, 8), (tdnn.Tucker2Conv2d, (8, 6))])
@@ -90,8 +91,7 @@ def test_whitened_full_rank_is_exact_even_with_singular_covariance(cls, rank):
         layer = nn.Conv2d(6, 8, 3, padding=1, dtype=torch.float64)
         x = correlated_images(4, 6)
         x[:, 2:] = 0  # four dead input channels: a singular covariance
-    mode = "features" if cls is tdnn.SVDLinear else ("patches" if cls.flat else "channels")
-    stats = calibrate.collect(layer, [x], {"layer": (layer, mode)})["layer"]
+    stats = calibrate.collect(layer, [x], {"layer": (layer, cls.geometry)})["layer"]
     small = cls.from_dense(layer, rank, whitening=calibrate.Whitening(stats.cov))
     probe = torch.randn_like(x)  # also exact off the calibration data
     torch.testing.assert_close(small(probe), layer(probe), atol=1e-6, rtol=0)
@@ -205,7 +205,8 @@ class _QKV(nn.Module):
 
 def test_layers_reading_one_input_share_its_statistics(monkeypatch):
     calls = {"vectors": 0, "eigh": 0}
-    vectors, eigh = calibrate._vectors, torch.linalg.eigh
+    kind = tdnn.registry.kind_of(nn.Linear(1, 1))
+    vectors, eigh = kind.vectors, torch.linalg.eigh
 
     def counting_vectors(*args):
         calls["vectors"] += 1
@@ -215,11 +216,11 @@ def test_layers_reading_one_input_share_its_statistics(monkeypatch):
         calls["eigh"] += 1
         return eigh(*args)
 
-    monkeypatch.setattr(calibrate, "_vectors", counting_vectors)
+    monkeypatch.setattr(kind, "vectors", counting_vectors)
     monkeypatch.setattr(torch.linalg, "eigh", counting_eigh)
     net = _QKV()
     batches = [correlated(64, 16, seed=s) for s in range(3)]
-    layers = {name: (getattr(net, name), "features") for name in ("q", "k", "v", "out", "twice")}
+    layers = {name: (getattr(net, name), "patches") for name in ("q", "k", "v", "out", "twice")}
     stats = calibrate.collect(net, [b.clone() for b in batches], layers)
     assert calls["vectors"] == 3 * 3  # per batch: q (k and v reuse it), out, twice
     assert torch.equal(stats["q"].gram, stats["k"].gram) and torch.equal(stats["q"].gram, stats["v"].gram)

@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 import tdnn
-from tdnn.compress import factorized_class
+from tdnn.registry import factorized_class
 from tdnn.config import known_keys
 from tdnn.ranks import NO_ENTRY, RankRule
 from tdnn.walk import named_layers

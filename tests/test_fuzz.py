@@ -167,7 +167,7 @@ def fuzz_compress_model(case):
             continue
         FUZZ_STATS["layers"] += 1
         assert isinstance(new, tdnn.Factorized) and new.rank == entry.rank
-        assert new.dense_kwargs == tdnn.layers.base.dense_kwargs(old)
+        assert new.dense_kwargs == tdnn.registry.kind_of(old).dense_kwargs(old)
         assert new.training == old.training and all(m.training == old.training for m in new.modules())
         assert {p.requires_grad for p in new.parameters()} == {old.weight.requires_grad}
         assert math.isfinite(new.rel_error) and sum(p.numel() for p in new.parameters()) < \

@@ -34,7 +34,7 @@ def test_merged_outputs_equal_factorized_outputs(method):
     # each merged layer has exactly the original constructor arguments
     for entry in small.tdnn_plan.factorized():
         layer, original = merged.get_submodule(entry.name), build().get_submodule(entry.name)
-        assert tdnn.layers.base.dense_kwargs(layer) == tdnn.layers.base.dense_kwargs(original)
+        assert tdnn.registry.kind_of(layer).dense_kwargs(layer) == tdnn.registry.kind_of(original).dense_kwargs(original)
     assert all(e.reason == "merged back to dense by tdnn.merge" for e in merged.tdnn_plan.layers
                if e.name in {f.name for f in small.tdnn_plan.factorized()})
     assert isinstance(small[0], tdnn.Factorized)  # a copy by default

@@ -1,4 +1,4 @@
-"""What every factorized layer shares: provenance, ``from_dense``, ``to_dense`` and sizing."""
+"""What every factorized layer shares: registration, provenance, ``from_dense``, ``to_dense`` and sizing."""
 
 from __future__ import annotations
 
@@ -8,50 +8,70 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from tdnn import decompose
+from tdnn import decompose, registry
 from tdnn.calibrate import Whitening
+from tdnn.registry import LayerKind
 
-Rank = Any  # int for SVD and CP, (r_out, r_in) for Tucker-2
+Rank = Any  # an int, or a tuple with one int per rank component (Tucker-2: (r_out, r_in))
 RANK_HINT = "; give this layer its own entry in a ranks mapping (None keeps it dense) or use a ratio"
 
 
-def dense_kwargs(layer: nn.Module) -> dict[str, Any]:
-    """The constructor arguments that rebuild ``layer`` (without device or dtype)."""
-    if isinstance(layer, nn.Linear):
-        return {"in_features": layer.in_features, "out_features": layer.out_features,
-                "bias": layer.bias is not None}
-    if isinstance(layer, nn.Conv2d):
-        return {"in_channels": layer.in_channels, "out_channels": layer.out_channels,
-                "kernel_size": tuple(layer.kernel_size), "stride": tuple(layer.stride),
-                "padding": layer.padding if isinstance(layer.padding, str) else tuple(layer.padding),
-                "dilation": tuple(layer.dilation), "groups": layer.groups,
-                "bias": layer.bias is not None, "padding_mode": layer.padding_mode}
-    raise TypeError(f"expected nn.Linear or nn.Conv2d, got {type(layer).__name__}")
+def rank_components(rank: Any, arity: int, where: str, method: str = "") -> tuple[int, ...]:
+    """``rank`` as ``arity`` positive ints (an int stands for all of them); ``where`` names the layer.
 
-
-def groups_of(layer: nn.Module) -> int:
-    return getattr(layer, "groups", 1)
+    Raises:
+        TypeError: if ``rank`` is neither an int nor a sequence of ``arity`` ints.
+        ValueError: if a component is below 1.
+    """
+    parts = (rank,) * arity if isinstance(rank, int) and not isinstance(rank, bool) else rank
+    if (not isinstance(parts, (tuple, list)) or len(parts) != arity
+            or not all(isinstance(r, int) and not isinstance(r, bool) for r in parts)):
+        shape = "an int" if arity == 1 else f"an int or {arity} ints"
+        raise TypeError(f"{where}: {method + ' ' if method else ''}rank must be {shape}, got {rank!r}")
+    if min(parts) < 1:
+        raise ValueError(f"{where}: rank={rank!r} must be at least 1")
+    return tuple(parts)
 
 
 def grouped(weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """View a conv kernel ``(S, C/G, kh, kw)`` as ``(G, S/G, C/G, kh, kw)``."""
+    """View a kernel ``(S, C/G, *k)`` as ``(G, S/G, C/G, *k)``."""
     return weight.reshape(groups, weight.shape[0] // groups, *weight.shape[1:])
 
 
 class Factorized(nn.Sequential):
-    """A chain of stock ``nn.Linear`` / ``nn.Conv2d`` layers standing in for one dense layer.
+    """A chain of stock layers standing in for one dense layer.
 
-    Subclasses name their children (the last one, ``last``, carries the original bias) and
-    implement :meth:`_build`, :meth:`_decompose`, :meth:`dense_weight` and :meth:`max_rank`.
+    A subclass declared with ``method=`` and ``kind=`` (a kind name or :class:`tdnn.registry.LayerKind`)
+    registers itself as that method's form for that layer kind, e.g.
+    ``class SVDConv2d(SVD, kind="Conv2d")``; :func:`tdnn.compress_model` and :func:`tdnn.load` then find
+    it. A method's generic class (declared with ``method=`` only) implements :meth:`_build`,
+    :meth:`_decompose`, :meth:`dense_weight` and :meth:`max_rank` through the kind adapter, so a new
+    kind is one line per method. The last child, ``last``, carries the original bias.
+
     Each instance records where it came from: ``dense_kwargs`` (the original constructor
     arguments), ``rank`` and ``rel_error`` (``‖W − W'‖ / ‖W‖`` at decomposition time).
     """
 
     method: ClassVar[str]
-    dense_type: ClassVar[type[nn.Module]]
-    # True: decompose the kernel unfolded to (S, C·kh·kw) and calibrate on input patches;
-    # False: decompose the 4-D kernel and calibrate on input channels.
-    flat: ClassVar[bool] = True
+    kind: ClassVar[LayerKind]
+    # What the method decomposes: "patches", the kernel unfolded to a matrix (out, in·k…), met by
+    # unfolded input patches; or "channels", the kernel as a tensor, met by per-position channels.
+    geometry: ClassVar[str] = "patches"
+    # False: on a plain matrix (Linear, 1×1 conv) the registry uses "svd" instead (Tucker-2, CP).
+    takes_matrices: ClassVar[bool] = True
+    rank_arity: ClassVar[int] = 1  # ints in a rank: 2 for Tucker-2's (r_out, r_in)
+    # Whether Energy / VBMF rules apply (they read ranks off the unfoldings' spectra).
+    spectral_ranks: ClassVar[bool] = True
+
+    def __init_subclass__(cls, *, method: str | None = None, kind: str | LayerKind | None = None,
+                          **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if method is not None:
+            cls.method = method
+        if kind is not None:
+            cls.kind = registry.kind_named(kind) if isinstance(kind, str) else kind
+        if (method is not None or kind is not None) and hasattr(cls, "method") and hasattr(cls, "kind"):
+            registry.register_method(cls)
 
     def __init__(self, children: OrderedDict[str, nn.Module], *, dense_kwargs: dict[str, Any],
                  rank: Rank) -> None:
@@ -60,10 +80,13 @@ class Factorized(nn.Sequential):
         self.rank = rank
         self.rel_error: float | None = None
 
-    # -- what subclasses provide -------------------------------------------------------------
+    @property
+    def groups(self) -> int:
+        return self.dense_kwargs.get("groups", 1)
+
+    # -- what a method provides --------------------------------------------------------------
     @classmethod
-    def _build(cls, layer: nn.Module, rank: Rank,
-               factory: dict[str, Any]) -> OrderedDict[str, nn.Module]:
+    def _build(cls, layer: nn.Module, rank: Rank, factory: dict[str, Any]) -> OrderedDict[str, nn.Module]:
         """The uninitialised children for ``layer`` at ``rank``."""
         raise NotImplementedError
 
@@ -71,20 +94,8 @@ class Factorized(nn.Sequential):
         """Fill the children's weights from per-group ``(whitened float64 weight, whitening)``."""
         raise NotImplementedError
 
-    @staticmethod
-    def unfoldings(weight: torch.Tensor) -> list[torch.Tensor]:
-        """The matrices whose spectra set this method's rank(s), one per rank dimension."""
-        return [weight.flatten(1)]
-
-    @classmethod
-    def estimate_error(cls, spectra: list[torch.Tensor], rank: Rank) -> float:
-        """Estimated relative squared error at ``rank`` from :meth:`spectra` (discarded energy)."""
-        (s,) = spectra
-        energy = s.square()
-        return float(energy[rank:].sum() / energy.sum().clamp_min(1e-300))
-
     def dense_weight(self) -> torch.Tensor:
-        """The weight of the equivalent dense layer, computed from the factors."""
+        """The equivalent dense kernel ``(out, in / groups, *k)``, computed from the factors."""
         raise NotImplementedError
 
     @classmethod
@@ -97,30 +108,38 @@ class Factorized(nn.Sequential):
         """Why this method cannot factorize ``layer``, or ``None`` if it can."""
         return None
 
+    @staticmethod
+    def unfoldings(weight: torch.Tensor) -> list[torch.Tensor]:
+        """The matrices whose spectra set this method's rank(s), one per rank component."""
+        return [weight.flatten(1)]
+
+    @classmethod
+    def estimate_error(cls, spectra: list[torch.Tensor], rank: Rank) -> float:
+        """Estimated relative squared error at ``rank`` from :meth:`spectra` (discarded energy)."""
+        (s,) = spectra
+        energy = s.square()
+        return float(energy[rank:].sum() / energy.sum().clamp_min(1e-300))
+
     @classmethod
     def rank_levels(cls, layer: nn.Module) -> list[Rank]:
         """Ranks ordered by size, used to turn a parameter ratio into a rank."""
-        top = cls.max_rank(layer)
-        return list(range(1, top + 1))
+        return list(range(1, cls.max_rank(layer) + 1))
 
     # -- shared behaviour --------------------------------------------------------------------
     @classmethod
     def check_rank(cls, layer: nn.Module, rank: Rank, name: str = "layer") -> Rank:
-        """Validate ``rank`` for ``layer``; return it in canonical form.
+        """Validate ``rank`` for ``layer``; return it in canonical form (an int, or a tuple).
 
         Raises:
-            TypeError: if ``rank`` is not an int (or, for Tucker-2, a pair of ints).
+            TypeError: if ``rank`` is not an int (or a tuple of :attr:`rank_arity` ints).
             ValueError: if ``rank`` is not positive or exceeds :meth:`max_rank`.
         """
-        if isinstance(rank, bool) or not isinstance(rank, int):
-            raise TypeError(f"{name}: {cls.method} rank must be an int, got {rank!r}")
+        parts = rank_components(rank, cls.rank_arity, name, cls.method)
         top = cls.max_rank(layer)
-        if rank < 1:
-            raise ValueError(f"{name}: rank={rank} must be at least 1")
-        if rank > top:
+        if any(r > t for r, t in zip(parts, top if cls.rank_arity > 1 else (top,))):
             raise ValueError(f"{name}: rank={rank} exceeds the full rank {top} of weight "
-                             f"{tuple(layer.weight.shape)} for method {cls.method!r}{RANK_HINT}")
-        return rank
+                             f"{tuple(cls.kind.kernel(layer).shape)} for method {cls.method!r}{RANK_HINT}")
+        return parts if cls.rank_arity > 1 else parts[0]
 
     @classmethod
     def structure(cls, layer: nn.Module, rank: Rank, *, name: str = "layer",
@@ -136,22 +155,22 @@ class Factorized(nn.Sequential):
             raise ValueError(f"{name}: {reason}")
         factory = {"device": device if device is not None else layer.weight.device,
                    "dtype": layer.weight.dtype}
-        return cls(cls._build(layer, rank, factory), dense_kwargs=dense_kwargs(layer), rank=rank)
+        return cls(cls._build(layer, rank, factory), dense_kwargs=cls.kind.dense_kwargs(layer), rank=rank)
 
     @classmethod
     def targets(cls, layer: nn.Module, whitening: Whitening | None = None,
                 *, name: str = "layer") -> list[tuple[torch.Tensor, Whitening | None]]:
         """Per group, the float64 (whitened) weight to decompose and the group's whitening."""
-        weight = layer.weight.detach()
+        weight = cls.kind.kernel(layer).detach()
         if weight.is_meta:
             raise ValueError(f"{name}: weight is on the meta device; nothing to decompose")
         if not torch.isfinite(weight).all():
             raise ValueError(f"{name}: weight {tuple(weight.shape)} has NaN or Inf values")
         weight = weight.to(dtype=torch.float64, device="cpu")
-        g = groups_of(layer)
+        g = cls.kind.groups(layer)
         parts = []
-        for i, w in enumerate(grouped(weight, g) if weight.dim() == 4 else [weight]):
-            w = w.flatten(1) if cls.flat else w
+        for i, w in enumerate(grouped(weight, g)):
+            w = w.flatten(1) if cls.geometry == "patches" else w
             wh = None if whitening is None else whitening.group(i, g)
             parts.append((w if wh is None else wh.whiten(w), wh))
         return parts
@@ -174,35 +193,39 @@ class Factorized(nn.Sequential):
         """Factorize ``layer`` at ``rank``; the factors come from a float64 decomposition.
 
         Args:
-            layer: the dense ``nn.Linear`` or ``nn.Conv2d``.
+            layer: the dense layer, of this class's kind.
             rank: the rank (see the subclass for its form).
             name: the layer's name, used in error messages.
             whitening: input statistics (and output scale) from calibration data; the factors
                 then minimise the layer's output error on that data instead of its weight error.
 
         Raises:
-            ValueError: for a bad rank, an unsupported layer or non-finite weights.
+            ValueError: for a bad rank, an unsupported layer, non-finite weights or factors.
         """
         module = cls.structure(layer, rank, name=name)
         parts = cls.targets(layer, whitening, name=name)
-        weight = layer.weight.detach()
         with torch.no_grad():
             module._decompose(parts)
             if layer.bias is not None:
                 module.last.bias.copy_(layer.bias)
+            bad = [n for n, p in module.named_parameters() if not torch.isfinite(p).all()]
+            if bad:
+                raise ValueError(f"{name}: the {cls.method} factors {', '.join(bad)} have NaN or Inf values "
+                                 f"(rank {rank}{', data-aware' if whitening is not None else ''}); check the "
+                                 f"weights and calibration data, or raise damping")
             approx = module.dense_weight().double()
-            exact = weight.double()
+            exact = cls.kind.kernel(layer).detach().double()
             module.rel_error = float((exact - approx).norm() / exact.norm().clamp_min(1e-300))
         return module
 
     def to_dense(self) -> nn.Module:
-        """Return the equivalent plain ``nn.Linear`` / ``nn.Conv2d`` (a new module)."""
+        """Return the equivalent plain dense layer (a new module of the original kind)."""
         weight = self.last.weight
         # the last factor may have gained a bias since (a BatchNorm folded into it)
-        kwargs = {**self.dense_kwargs, "bias": self.last.bias is not None}
-        layer = self.dense_type(**kwargs, device=weight.device, dtype=weight.dtype)
+        layer = self.kind.build(self.dense_kwargs, bias=self.last.bias is not None,
+                                device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
-            layer.weight.copy_(self.dense_weight())
+            self.kind.set_kernel(layer, self.dense_weight())
             if layer.bias is not None:
                 layer.bias.copy_(self.last.bias)
         return layer

@@ -1,4 +1,4 @@
-"""CP convolution: 1×1 → depthwise k×1 → depthwise 1×k → 1×1."""
+"""CP convolution: pointwise → one depthwise convolution per spatial axis → pointwise."""
 
 from __future__ import annotations
 
@@ -11,28 +11,96 @@ from torch import nn
 from tdnn import decompose
 from tdnn.calibrate import Whitening
 from tdnn.layers.base import Factorized, copy_into
-from tdnn.layers.tucker2 import Tucker2Conv2d
+from tdnn.layers.tucker2 import Tucker2
+
+# The depthwise children's names, per number of spatial axes.
+AXIS_NAMES = {1: ("depthwise",), 2: ("vertical", "horizontal"), 3: ("depth", "vertical", "horizontal")}
 
 
 def _axis(value: Any, axis: int, neutral: int) -> Any:
-    """One axis of a per-axis conv argument; the other axis gets ``neutral``.
+    """One axis of a per-axis conv argument; the other axes get ``neutral``.
 
     String paddings (``'same'``, ``'valid'``) pass through: for a kh×1 kernel PyTorch's ``'same'``
     pads only the height, which is exactly what the separable chain needs.
     """
     if isinstance(value, str):
         return value
-    return (value[0], neutral) if axis == 0 else (neutral, value[1])
+    return tuple(v if i == axis else neutral for i, v in enumerate(value))
 
 
-class CPConv2d(Factorized):
+class CP(Factorized, method="cp"):
+    """A convolution as ``Conv(1, C → R)``, one depthwise conv per spatial axis (``k×1`` then
+    ``1×k`` in 2-D), ``Conv(1, R → S)``, with factors from tensorly's ``initialize_cp`` (SVD start)
+    and CP-ALS sweeps.
+
+    Each depthwise conv carries the original stride, padding and dilation of its axis, with the
+    original padding mode, so the chain computes exactly the convolution with the CP-reconstructed
+    kernel (:meth:`to_dense`). Grouped convolutions are not supported.
+    """
+
+    geometry = "channels"
+    takes_matrices = False
+    spectral_ranks = False  # the unfoldings' spectra give Tucker ranks, not CP ranks
+
+    @classmethod
+    def max_rank(cls, layer: nn.Module) -> int:
+        # A tensor's rank never exceeds the product of all but its largest dimension.
+        return int(torch.tensor(sorted(cls.kind.kernel(layer).shape)[:-1]).prod())
+
+    @classmethod
+    def unsupported(cls, layer: nn.Module) -> str | None:
+        groups = cls.kind.groups(layer)
+        if groups > 1:
+            return f"cp does not support grouped convolutions (groups={groups})"
+        return None
+
+    @classmethod
+    def _build(cls, layer: nn.Module, rank: int, factory: dict[str, Any]) -> OrderedDict[str, nn.Module]:
+        kind, kernel = cls.kind, cls.kind.kernel(layer)
+        sizes, options = tuple(kernel.shape[2:]), kind.conv_options(layer)
+        children = OrderedDict(first=kind.factor(kernel.shape[1], rank, **factory))
+        for axis, name in enumerate(AXIS_NAMES[len(sizes)]):
+            children[name] = kind.factor(
+                rank, rank, kernel_size=_axis(sizes, axis, 1), groups=rank, **factory,
+                options={"stride": _axis(options["stride"], axis, 1), "padding": _axis(options["padding"], axis, 0),
+                         "dilation": _axis(options["dilation"], axis, 1), "padding_mode": options["padding_mode"]})
+        children["last"] = kind.factor(rank, kernel.shape[0], bias=layer.bias is not None, **factory)
+        return children
+
+    unfoldings = staticmethod(Tucker2.unfoldings)
+
+    @classmethod
+    def estimate_error(cls, spectra: list[torch.Tensor], rank: int) -> float:
+        # CP at rank R is a Tucker-2 at (R, R) with a diagonal core, so the Tucker bound at that
+        # rank is an optimistic estimate: it ranks CP layers by how compressible they are.
+        return Tucker2.estimate_error(spectra, (rank, rank))
+
+    def _spatial(self) -> list[nn.Module]:
+        return list(self)[1:-1]
+
+    def _decompose(self, parts: list[tuple[torch.Tensor, Whitening | None]]) -> None:
+        ((weight, whitening),) = parts
+        out, inp, *axes = decompose.cp(weight, self.rank)
+        if whitening is not None:
+            out, inp = whitening.out_factor(out), whitening.in_factor(inp)
+        copy_into(self.first.weight, inp.T)
+        for conv, factor in zip(self._spatial(), axes):
+            copy_into(conv.weight, factor.T)
+        copy_into(self.last.weight, out)
+
+    def dense_weight(self) -> torch.Tensor:
+        first, last = self.first.weight.flatten(1), self.last.weight.flatten(1)       # (R, C), (S, R)
+        # one (R, C·k…) rank-one stack, then one matmul: a many-operand einsum takes seconds here
+        ones = first
+        for conv in self._spatial():
+            factor = conv.weight.flatten(1)                                           # (R, k_i)
+            ones = ones[..., None] * factor.reshape(factor.shape[0], *[1] * (ones.dim() - 1), -1)
+        return (last @ ones.flatten(1)).reshape(last.shape[0], *ones.shape[1:])
+
+
+class CPConv2d(CP, kind="Conv2d"):
     """A k×k convolution as ``Conv(1×1, C → R)``, depthwise ``(kh×1)``, depthwise ``(1×kw)``,
-    ``Conv(1×1, R → S)``, with factors from tensorly's ``parafac`` (ALS from an SVD start).
-
-    The vertical depthwise conv carries the original stride, padding and dilation of the height
-    axis, the horizontal one those of the width axis, both with the original padding mode, so the
-    chain computes exactly the convolution with the CP-reconstructed kernel (:meth:`to_dense`).
-    Grouped convolutions are not supported.
+    ``Conv(1×1, R → S)``; see :class:`CP`.
 
     Example:
         >>> import torch, tdnn
@@ -41,59 +109,3 @@ class CPConv2d(Factorized):
         >>> small(torch.randn(2, 16, 8, 8)).shape
         torch.Size([2, 32, 8, 8])
     """
-
-    method = "cp"
-    dense_type = nn.Conv2d
-    flat = False
-
-    @classmethod
-    def max_rank(cls, layer: nn.Conv2d) -> int:
-        # A 4-way tensor's rank never exceeds the product of all but its largest dimension.
-        dims = sorted(layer.weight.shape)
-        return dims[0] * dims[1] * dims[2]
-
-    @classmethod
-    def unsupported(cls, layer: nn.Conv2d) -> str | None:
-        if layer.groups > 1:
-            return f"cp does not support grouped convolutions (groups={layer.groups})"
-        return None
-
-    @classmethod
-    def _build(cls, layer: nn.Conv2d, rank: int, factory: dict[str, Any]) -> OrderedDict[str, nn.Module]:
-        kh, kw = layer.kernel_size
-        separable = {"groups": rank, "bias": False, "padding_mode": layer.padding_mode, **factory}
-        return OrderedDict(
-            first=nn.Conv2d(layer.in_channels, rank, 1, bias=False, **factory),
-            vertical=nn.Conv2d(rank, rank, (kh, 1), stride=_axis(layer.stride, 0, 1),
-                               padding=_axis(layer.padding, 0, 0),
-                               dilation=_axis(layer.dilation, 0, 1), **separable),
-            horizontal=nn.Conv2d(rank, rank, (1, kw), stride=_axis(layer.stride, 1, 1),
-                                 padding=_axis(layer.padding, 1, 0),
-                                 dilation=_axis(layer.dilation, 1, 1), **separable),
-            last=nn.Conv2d(rank, layer.out_channels, 1, bias=layer.bias is not None, **factory),
-        )
-
-    unfoldings = staticmethod(Tucker2Conv2d.unfoldings)
-
-    @classmethod
-    def estimate_error(cls, spectra: list[torch.Tensor], rank: int) -> float:
-        # CP at rank R is a Tucker-2 at (R, R) with a diagonal core, so the Tucker bound at that
-        # rank is an optimistic estimate: it ranks CP layers by how compressible they are.
-        return Tucker2Conv2d.estimate_error(spectra, (rank, rank))
-
-    def _decompose(self, parts: list[tuple[torch.Tensor, Whitening | None]]) -> None:
-        ((weight, whitening),) = parts
-        out, inp, vertical, horizontal = decompose.cp(weight, self.rank)
-        if whitening is not None:
-            out, inp = whitening.out_factor(out), whitening.in_factor(inp)
-        copy_into(self.first.weight, inp.T)
-        copy_into(self.vertical.weight, vertical.T)
-        copy_into(self.horizontal.weight, horizontal.T)
-        copy_into(self.last.weight, out)
-
-    def dense_weight(self) -> torch.Tensor:
-        first, last = self.first.weight.flatten(1), self.last.weight.flatten(1)       # (R, C), (S, R)
-        vertical, horizontal = self.vertical.weight.flatten(1), self.horizontal.weight.flatten(1)
-        # one (R, C·kh·kw) rank-one stack, then one matmul: a 4-operand einsum takes seconds here
-        ones = first[:, :, None, None] * vertical[:, None, :, None] * horizontal[:, None, None, :]
-        return (last @ ones.flatten(1)).reshape(last.shape[0], *ones.shape[1:])

@@ -1,4 +1,4 @@
-"""Truncated-SVD layers: ``SVDLinear`` and ``SVDConv2d``."""
+"""Truncated SVD of a layer's weight as a matrix: two stock layers, ``in → r → out``."""
 
 from __future__ import annotations
 
@@ -13,20 +13,49 @@ from tdnn.calibrate import Whitening
 from tdnn.layers.base import Factorized, copy_into, grouped
 
 
-def _svd_factors(parts: list[tuple[torch.Tensor, Whitening | None]], rank: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per group truncated SVD of the (whitened) matrix, mapped back; groups stacked."""
-    lefts, rights = [], []
-    for weight, whitening in parts:
-        left, right = decompose.svd(weight, rank)
-        if whitening is not None:
-            left, right = whitening.out_factor(left), whitening.in_factor(right.T).T
-        lefts.append(left)
-        rights.append(right)
-    return torch.cat(lefts), torch.cat(rights)
+class SVD(Factorized, method="svd"):
+    """A layer as ``first`` (its kernel, ``in → r``) then ``last`` (pointwise, ``r → out``) from the
+    truncated SVD of its weight unfolded to ``(out, in·k…)``; one form per layer kind.
+
+    For a convolution, ``first`` carries the original kernel size, stride, padding, dilation and
+    padding mode, ``last`` the bias; for ``groups > 1`` each group is decomposed on its own (rank
+    ``r`` per group) and both stay grouped. At full rank the chain reproduces the layer exactly;
+    below it, the weight error is the norm of the discarded singular values (Eckart–Young).
+    """
+
+    @classmethod
+    def max_rank(cls, layer: nn.Module) -> int:
+        kernel = cls.kind.kernel(layer)
+        return min(kernel.shape[0] // cls.kind.groups(layer), kernel[0].numel())
+
+    @classmethod
+    def _build(cls, layer: nn.Module, rank: int, factory: dict[str, Any]) -> OrderedDict[str, nn.Module]:
+        kind, kernel = cls.kind, cls.kind.kernel(layer)
+        g = kind.groups(layer)
+        return OrderedDict(
+            first=kind.factor(kernel.shape[1] * g, g * rank, kernel_size=tuple(kernel.shape[2:]), groups=g,
+                              options=kind.conv_options(layer), **factory),
+            last=kind.factor(g * rank, kernel.shape[0], groups=g, bias=layer.bias is not None, **factory),
+        )
+
+    def _decompose(self, parts: list[tuple[torch.Tensor, Whitening | None]]) -> None:
+        lefts, rights = [], []
+        for weight, whitening in parts:
+            left, right = decompose.svd(weight, self.rank)
+            if whitening is not None:
+                left, right = whitening.out_factor(left), whitening.in_factor(right.T).T
+            lefts.append(left)
+            rights.append(right)
+        copy_into(self.first.weight, torch.cat(rights))
+        copy_into(self.last.weight, torch.cat(lefts))
+
+    def dense_weight(self) -> torch.Tensor:
+        first = grouped(self.first.weight, self.groups).flatten(2)     # (G, r, in/G·k…)
+        last = grouped(self.last.weight, self.groups).flatten(2)       # (G, out/G, r)
+        return (last @ first).reshape(-1, *self.first.weight.shape[1:])
 
 
-class SVDLinear(Factorized):
+class SVDLinear(SVD, kind="Linear"):
     """``Linear(in → r, no bias)`` then ``Linear(r → out)`` from the truncated SVD of the weight.
 
     At ``rank = min(in, out)`` it reproduces the original layer exactly; below that, the weight
@@ -42,36 +71,10 @@ class SVDLinear(Factorized):
         torch.Size([32, 64])
     """
 
-    method = "svd"
-    dense_type = nn.Linear
 
-    @classmethod
-    def max_rank(cls, layer: nn.Linear) -> int:
-        return min(layer.in_features, layer.out_features)
-
-    @classmethod
-    def _build(cls, layer: nn.Linear, rank: int, factory: dict[str, Any]) -> OrderedDict[str, nn.Module]:
-        return OrderedDict(
-            first=nn.Linear(layer.in_features, rank, bias=False, **factory),
-            last=nn.Linear(rank, layer.out_features, bias=layer.bias is not None, **factory),
-        )
-
-    def _decompose(self, parts: list[tuple[torch.Tensor, Whitening | None]]) -> None:
-        left, right = _svd_factors(parts, self.rank)
-        copy_into(self.first.weight, right)
-        copy_into(self.last.weight, left)
-
-    def dense_weight(self) -> torch.Tensor:
-        return self.last.weight @ self.first.weight
-
-
-class SVDConv2d(Factorized):
-    """A convolution as ``Conv(k×k, C → r)`` then ``Conv(1×1, r → S)`` from the SVD of its kernel.
-
-    The kernel is unfolded to ``(S, C·kh·kw)``; the first conv carries the original stride,
-    padding, dilation and padding mode, the second the bias. For ``groups > 1`` each group is
-    decomposed on its own (rank ``r`` per group) and both convs stay grouped. For a 1×1 conv this
-    is the plain two-layer SVD.
+class SVDConv2d(SVD, kind="Conv2d"):
+    """A convolution as ``Conv(k×k, C → r)`` then ``Conv(1×1, r → S)`` from the SVD of its kernel
+    unfolded to ``(S, C·kh·kw)`` (per group for grouped convolutions); see :class:`SVD`.
 
     Example:
         >>> import torch, tdnn
@@ -80,33 +83,3 @@ class SVDConv2d(Factorized):
         >>> small(torch.randn(1, 16, 10, 10)).shape
         torch.Size([1, 32, 5, 5])
     """
-
-    method = "svd"
-    dense_type = nn.Conv2d
-
-    @classmethod
-    def max_rank(cls, layer: nn.Conv2d) -> int:
-        per_group_out = layer.out_channels // layer.groups
-        return min(per_group_out, layer.weight[0].numel())
-
-    @classmethod
-    def _build(cls, layer: nn.Conv2d, rank: int, factory: dict[str, Any]) -> OrderedDict[str, nn.Module]:
-        g = layer.groups
-        return OrderedDict(
-            first=nn.Conv2d(layer.in_channels, g * rank, layer.kernel_size, stride=layer.stride,
-                            padding=layer.padding, dilation=layer.dilation, groups=g, bias=False,
-                            padding_mode=layer.padding_mode, **factory),
-            last=nn.Conv2d(g * rank, layer.out_channels, 1, groups=g,
-                           bias=layer.bias is not None, **factory),
-        )
-
-    def _decompose(self, parts: list[tuple[torch.Tensor, Whitening | None]]) -> None:
-        left, right = _svd_factors(parts, self.rank)
-        copy_into(self.first.weight, right)
-        copy_into(self.last.weight, left)
-
-    def dense_weight(self) -> torch.Tensor:
-        g = self.dense_kwargs["groups"]
-        first = grouped(self.first.weight, g).flatten(2)       # (G, r, C/G·kh·kw)
-        last = grouped(self.last.weight, g).flatten(2)         # (G, S/G, r)
-        return (last @ first).reshape(self.dense_kwargs["out_channels"], *self.first.weight.shape[1:])

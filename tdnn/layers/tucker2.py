@@ -1,4 +1,4 @@
-"""Tucker-2 convolution: 1×1 → k×k core → 1×1."""
+"""Tucker-2 convolution: pointwise → k×k core → pointwise."""
 
 from __future__ import annotations
 
@@ -10,69 +10,48 @@ from torch import nn
 
 from tdnn import decompose
 from tdnn.calibrate import Whitening
-from tdnn.layers.base import RANK_HINT, Factorized, copy_into, grouped
+from tdnn.layers.base import Factorized, copy_into, grouped
 
 
-class Tucker2Conv2d(Factorized):
-    """A k×k convolution as ``Conv(1×1, C → r_in)``, ``Conv(k×k, r_in → r_out)``, ``Conv(1×1, r_out → S)``.
+class Tucker2(Factorized, method="tucker2"):
+    """A convolution as ``Conv(1, C → r_in)``, ``Conv(k, r_in → r_out)``, ``Conv(1, r_out → S)``.
 
-    Factors come from tensorly's ``partial_tucker`` over the two channel modes of the kernel.
-    The core conv carries the original stride, padding (ints, per-axis tuples, ``'same'`` or
-    ``'valid'``), dilation and padding mode, and the last conv the bias; since the first 1×1 conv
-    has no bias it commutes with every padding mode, so at full rank ``(S, C)`` the chain is exact.
-    For ``groups > 1`` each group is decomposed on its own and all three convs stay grouped.
+    Factors come from tensorly's ``partial_tucker`` over the two channel modes of the kernel. The
+    core carries the original stride, padding (ints, per-axis tuples, ``'same'`` or ``'valid'``),
+    dilation and padding mode, and the last conv the bias; since the first pointwise conv has no
+    bias it commutes with every padding mode, so at full rank ``(S, C)`` the chain is exact. For
+    ``groups > 1`` each group is decomposed on its own and all three convs stay grouped.
 
     ``rank`` is ``(r_out, r_in)``; an int ``r`` means ``(r, r)``.
-
-    Example:
-        >>> import torch, tdnn
-        >>> conv = torch.nn.Conv2d(32, 64, 3, padding=1)
-        >>> small = tdnn.Tucker2Conv2d.from_dense(conv, (16, 8))
-        >>> [tuple(m.weight.shape) for m in small]
-        [(8, 32, 1, 1), (16, 8, 3, 3), (64, 16, 1, 1)]
     """
 
-    method = "tucker2"
-    dense_type = nn.Conv2d
-    flat = False
+    geometry = "channels"
+    takes_matrices = False
+    rank_arity = 2
 
     @classmethod
-    def max_rank(cls, layer: nn.Conv2d) -> tuple[int, int]:
-        return layer.out_channels // layer.groups, layer.in_channels // layer.groups
+    def max_rank(cls, layer: nn.Module) -> tuple[int, int]:
+        g = cls.kind.groups(layer)
+        kernel = cls.kind.kernel(layer)
+        return kernel.shape[0] // g, kernel.shape[1]
 
     @classmethod
-    def check_rank(cls, layer: nn.Conv2d, rank: Any, name: str = "layer") -> tuple[int, int]:
-        pair = (rank, rank) if isinstance(rank, int) and not isinstance(rank, bool) else rank
-        if (not isinstance(pair, (tuple, list)) or len(pair) != 2
-                or not all(isinstance(r, int) and not isinstance(r, bool) for r in pair)):
-            raise TypeError(f"{name}: tucker2 rank must be an int or a pair (r_out, r_in), got {rank!r}")
-        top = cls.max_rank(layer)
-        if min(pair) < 1:
-            raise ValueError(f"{name}: rank={rank} must be at least 1")
-        if pair[0] > top[0] or pair[1] > top[1]:
-            raise ValueError(f"{name}: rank={rank} exceeds the full rank {top} (out, in channels per "
-                             f"group) of weight {tuple(layer.weight.shape)} for method 'tucker2'"
-                             f"{RANK_HINT}")
-        return tuple(pair)
-
-    @classmethod
-    def rank_levels(cls, layer: nn.Conv2d) -> list[tuple[int, int]]:
+    def rank_levels(cls, layer: nn.Module) -> list[tuple[int, int]]:
         # Shrink both channel ranks in proportion to the channel counts.
         out, inp = cls.max_rank(layer)
         top = max(out, inp)
         return [(max(1, round(t * out / top)), max(1, round(t * inp / top))) for t in range(1, top + 1)]
 
     @classmethod
-    def _build(cls, layer: nn.Conv2d, rank: tuple[int, int],
+    def _build(cls, layer: nn.Module, rank: tuple[int, int],
                factory: dict[str, Any]) -> OrderedDict[str, nn.Module]:
-        g, (r_out, r_in) = layer.groups, rank
+        kind, kernel = cls.kind, cls.kind.kernel(layer)
+        g, (r_out, r_in) = kind.groups(layer), rank
         return OrderedDict(
-            first=nn.Conv2d(layer.in_channels, g * r_in, 1, groups=g, bias=False, **factory),
-            core=nn.Conv2d(g * r_in, g * r_out, layer.kernel_size, stride=layer.stride,
-                           padding=layer.padding, dilation=layer.dilation, groups=g, bias=False,
-                           padding_mode=layer.padding_mode, **factory),
-            last=nn.Conv2d(g * r_out, layer.out_channels, 1, groups=g,
-                           bias=layer.bias is not None, **factory),
+            first=kind.factor(kernel.shape[1] * g, g * r_in, groups=g, **factory),
+            core=kind.factor(g * r_in, g * r_out, kernel_size=tuple(kernel.shape[2:]), groups=g,
+                             options=kind.conv_options(layer), **factory),
+            last=kind.factor(g * r_out, kernel.shape[0], groups=g, bias=layer.bias is not None, **factory),
         )
 
     @staticmethod
@@ -99,9 +78,21 @@ class Tucker2Conv2d(Factorized):
         copy_into(self.last.weight, torch.cat(outs))
 
     def dense_weight(self) -> torch.Tensor:
-        g = self.dense_kwargs["groups"]
+        g = self.groups
         first = grouped(self.first.weight, g).flatten(2)       # (G, r_in, C/G)
-        core = grouped(self.core.weight, g)                     # (G, r_out, r_in, kh, kw)
+        core = grouped(self.core.weight, g)                     # (G, r_out, r_in, *k)
         last = grouped(self.last.weight, g).flatten(2)         # (G, S/G, r_out)
-        dense = torch.einsum("gsq,gqphw,gpc->gschw", last, core, first)
-        return dense.flatten(0, 1)
+        return torch.einsum("gsq,gqp...,gpc->gsc...", last, core, first).flatten(0, 1)
+
+
+class Tucker2Conv2d(Tucker2, kind="Conv2d"):
+    """A k×k convolution as ``Conv(1×1, C → r_in)``, ``Conv(k×k, r_in → r_out)``,
+    ``Conv(1×1, r_out → S)``; see :class:`Tucker2`.
+
+    Example:
+        >>> import torch, tdnn
+        >>> conv = torch.nn.Conv2d(32, 64, 3, padding=1)
+        >>> small = tdnn.Tucker2Conv2d.from_dense(conv, (16, 8))
+        >>> [tuple(m.weight.shape) for m in small]
+        [(8, 32, 1, 1), (16, 8, 3, 3), (64, 16, 1, 1)]
+    """

@@ -15,7 +15,8 @@ from tdnn.finetune import FinetuneResult, finetune
 from tdnn.inference import InferenceForm, optimize_for_inference
 from tdnn.io import apply_plan, load, save
 from tdnn import registry
-from tdnn.layers import CPConv2d, Factorized, SVDConv2d, SVDLinear, Tucker2Conv2d
+from tdnn.layers import (CPConv1d, CPConv2d, Factorized, SVDConv1d, SVDConv2d, SVDLinear, Tucker2Conv1d,
+                         Tucker2Conv2d)
 from tdnn.merge import merge
 from tdnn.plan import LayerPlan, Plan
 from tdnn.ranks import VBMF, Energy, LayerSpec
@@ -27,6 +28,6 @@ __all__ = [
     "finetune", "FinetuneResult", "load_config", "Config",
     "compress_model", "Budget", "Energy", "VBMF", "report", "Report", "LayerRecord", "Plan", "LayerPlan", "LayerSpec",
     "save", "load", "apply_plan", "merge", "optimize_for_inference", "InferenceForm",
-    "Factorized", "SVDLinear", "SVDConv2d", "Tucker2Conv2d", "CPConv2d",
+    "Factorized", "SVDLinear", "SVDConv2d", "Tucker2Conv2d", "CPConv2d", "SVDConv1d", "Tucker2Conv1d", "CPConv1d",
     "registry",
 ]

@@ -74,7 +74,8 @@ def test_svd_conv_patch_whitening_is_never_worse():
 @pytest.mark.parametrize("conv", [
     nn.Conv2d(4, 5, (3, 2), stride=(2, 1), padding=(1, 1), dilation=(1, 2), bias=False,
               padding_mode="circular", dtype=torch.float64),
-], ids=["conv2d"])
+    nn.Conv1d(4, 5, 3, stride=2, padding=2, dilation=2, bias=False, padding_mode="reflect", dtype=torch.float64),
+], ids=["conv2d", "conv1d"])
 def test_patches_match_the_conv(conv):
     # The unfolded patches must be exactly what the conv multiplies: W·patch == conv output.
     x = torch.randn(2, 4, 7, 9, dtype=torch.float64)[..., :9 if isinstance(conv, nn.Conv2d) else 1].squeeze(-1)

@@ -120,4 +120,4 @@ def test_the_cli_lists_the_registry(capsys, randproj):
     out = capsys.readouterr().out
     for method, kind, cls in tdnn.registry.forms():
         assert any(line.split()[:3] == [method, kind, cls.__name__] for line in out.splitlines())
-    assert "randproj" in out
+    assert "randproj" in out and "Conv1d" in out

@@ -11,7 +11,7 @@ Example:
 from tdnn.budget import Budget
 from tdnn.compress import compress_model
 from tdnn.config import Config, load_config
-from tdnn.finetune import FinetuneResult, finetune
+from tdnn.finetune import FinetuneResult, FinetuneSettings, finetune
 from tdnn.inference import InferenceForm, optimize_for_inference
 from tdnn.io import apply_plan, load, save
 from tdnn import registry
@@ -25,7 +25,7 @@ from tdnn.report import LayerRecord, Report, report
 __version__ = "0.1.0"
 
 __all__ = [
-    "finetune", "FinetuneResult", "load_config", "Config",
+    "finetune", "FinetuneResult", "FinetuneSettings", "load_config", "Config",
     "compress_model", "Budget", "Energy", "VBMF", "report", "Report", "LayerRecord", "Plan", "LayerPlan", "LayerSpec",
     "save", "load", "apply_plan", "merge", "optimize_for_inference", "InferenceForm",
     "Factorized", "SVDLinear", "SVDConv2d", "Tucker2Conv2d", "CPConv2d", "SVDConv1d", "Tucker2Conv1d", "CPConv1d",

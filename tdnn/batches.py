@@ -31,3 +31,33 @@ def map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     if isinstance(batch, (tuple, list)):
         return type(batch)(map_tensors(v, fn) for v in batch)
     return batch
+
+
+def split_labels(batch: Any) -> tuple[Any, Any]:
+    """``(inputs, labels)`` of a training batch: ``inputs``, ``(inputs, labels)``, or a dict of
+    keyword arguments with an optional ``"labels"`` entry; labels are ``None`` when absent."""
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, Mapping):
+        inputs = dict(batch)
+        return inputs, inputs.pop("labels", None)
+    if isinstance(batch, (tuple, list)):
+        if len(batch) == 1:
+            return batch[0], None
+        if len(batch) == 2:
+            return batch[0], batch[1]
+        raise ValueError(f"a batch must be inputs or (inputs, labels), got a {type(batch).__name__} "
+                         f"of {len(batch)} items; use a dict for several model arguments")
+    raise TypeError(f"a batch must be a tensor, (inputs, labels) or a dict, got {type(batch).__name__}")
+
+
+def batch_size(batch: Any) -> int:
+    """The batch dimension: the length of the first tensor found (0 if there is none)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() else 1
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
+    for value in values:
+        size = batch_size(value)
+        if size:
+            return size
+    return 0

@@ -12,16 +12,16 @@ under ``torchrun`` as well (``torchrun --nproc_per_node=N -m tdnn.cli finetune .
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import os
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
 import tdnn
 from tdnn import _vision as vision
+from tdnn.distributed import Launch
 from tdnn.io import read_header
 from tdnn.report import checkpoint_report, format_table
 
@@ -34,6 +34,18 @@ def _input_shape(text: str) -> tuple[int, ...]:
     if not shape or min(shape) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: sizes must be positive")
     return shape
+
+
+def _device(text: str) -> str:
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+    return text
 
 
 def _model_args(p: argparse.ArgumentParser, *, required: bool, weights: bool) -> None:
@@ -92,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers (cifar10 / folders)")
     p.add_argument("--checkpoint-dir", help="training checkpoints; re-run the command to resume")
     p.add_argument("--checkpoint-every", type=int)
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start afresh, overwriting the checkpoint in --checkpoint-dir (default: resume from it)")
+    p.add_argument("--device", type=_device, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -127,10 +141,10 @@ def _report(args: argparse.Namespace) -> None:
 
 
 def _finetune(args: argparse.Namespace) -> None:
-    settings: dict[str, Any] = dict(tdnn.load_config(args.config).finetune) if args.config else {}
-    for key in ("epochs", "max_steps", "lr", "checkpoint_every"):
-        if getattr(args, key) is not None:
-            settings[key] = getattr(args, key)
+    settings = tdnn.FinetuneSettings(**(tdnn.load_config(args.config).finetune if args.config else {}))
+    flags = {key: getattr(args, key) for key in ("epochs", "max_steps", "lr", "checkpoint_every")
+             if getattr(args, key) is not None}
+    settings = dataclasses.replace(settings, **flags)  # checked again
     data = vision.image_data(args.data, image_size=args.image_size, batch_size=args.batch_size,
                              workers=args.workers)
     classes = args.num_classes or data.num_classes
@@ -138,18 +152,16 @@ def _finetune(args: argparse.Namespace) -> None:
     teacher = None
     if args.teacher_weights is not None:
         teacher = vision.build_model(args.model, weights=args.teacher_weights, num_classes=classes)
-    elif settings.get("alpha"):
-        raise SystemExit(f"tdnn finetune: the config sets alpha={settings['alpha']} (distillation): "
-                         f"give --teacher-weights, or override the config")
-    device = args.device
-    if device is None:
-        local = os.environ.get("LOCAL_RANK", "0")
-        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    elif settings.alpha:
+        raise ValueError(f"the config sets alpha={settings.alpha} (distillation): give --teacher-weights, "
+                         f"or override the config")
+    launch = Launch.from_env()
+    device = args.device or (f"cuda:{launch.local_rank}" if torch.cuda.is_available() else "cpu")
     before = vision.top1(small, data.test)
-    result = tdnn.finetune(small, data.train, teacher=teacher, eval_fn=vision.top1_fn(data.test),
-                           checkpoint_dir=args.checkpoint_dir, device=device,
-                           progress=not args.no_progress, **settings)
-    if int(os.environ.get("RANK", "0")) == 0:
+    result = tdnn.finetune(small, data.train, settings, teacher=teacher, eval_fn=vision.top1_fn(data.test),
+                           checkpoint_dir=args.checkpoint_dir, resume=not args.no_resume, device=device,
+                           progress=not args.no_progress)
+    if launch.main:
         small.to("cpu")
         tdnn.save(small, args.out)
         after = result.evals[-1] if result.evals else vision.top1(small, data.test)

@@ -9,16 +9,18 @@ A config has up to three top-level keys::
         conv1: null
         "re:layer\\d\\.\\d\\.conv\\d": 0.5
         "re:.*": {rank: 0.5, method: svd}
-    finetune:            # keyword arguments of tdnn.finetune
+    finetune:            # settings of tdnn.finetune (tdnn.finetune.FinetuneSettings)
       epochs: 2
       lr: 1.0e-3
 
-The keys of each section are read off the signature of the function it feeds (minus the
-arguments that cannot be written in YAML, listed in :data:`NOT_IN_YAML`), so a new keyword
-argument of :func:`tdnn.compress_model` or :func:`tdnn.finetune` is accepted without touching
+The keys of each section are read off the signature of what it feeds (minus the arguments
+that cannot be written in YAML, listed in :data:`NOT_IN_YAML`): :func:`tdnn.compress_model` and
+:class:`tdnn.finetune.FinetuneSettings`, so a new keyword argument is accepted without touching
 this module; a mapping given for an argument annotated with a dataclass is turned into that
-dataclass (``budget: {params: 0.5}`` becomes ``tdnn.Budget(params=0.5)``). Values are type-checked against the function's annotations and rank specs are
-validated when the file is read, so a typo fails with the file and key named, before any work.
+dataclass (``budget: {params: 0.5}`` becomes ``tdnn.Budget(params=0.5)``). Values are
+type-checked against the annotations, rank specs are validated and the fine-tuning settings are
+built (so ``epochs: 0`` or an unknown optimizer fail) when the file is read, with the file and key
+named, before any work.
 """
 
 from __future__ import annotations
@@ -36,17 +38,17 @@ from typing import Any
 import yaml
 
 from tdnn.compress import compress_model
-from tdnn.finetune import finetune
+from tdnn.finetune.settings import NOT_IN_YAML as NOT_IN_FINETUNE_YAML
+from tdnn.finetune.settings import FinetuneSettings
 from tdnn.ranks import RankRule
 from tdnn.registry import check_method
 
-# Section -> the function whose keyword arguments it holds.
-SECTIONS: dict[str, Callable[..., Any]] = {"compress": compress_model, "finetune": finetune}
+# Section -> the function (or settings class) whose keyword arguments it holds.
+SECTIONS: dict[str, Callable[..., Any]] = {"compress": compress_model, "finetune": FinetuneSettings}
 # Arguments that take Python objects (models, data, callables) and have no YAML form.
 NOT_IN_YAML: dict[str, frozenset[str]] = {
     "compress": frozenset({"model", "filter_fn", "inplace", "calibration"}),
-    "finetune": frozenset({"model", "data", "teacher", "eval_fn", "loss_fn", "device", "progress",
-                           "distributed"}),
+    "finetune": NOT_IN_FINETUNE_YAML,
 }
 # Extra checks for values whose type alone says little; each raises ValueError / TypeError.
 VALIDATORS: dict[tuple[str, str], Callable[[Any], Any]] = {
@@ -177,6 +179,11 @@ def _section(name: str, values: Any, source: str) -> dict[str, Any]:
     missing = [k for k in keys if params[k].default is inspect.Parameter.empty and k not in values]
     if missing:
         raise ValueError(f"{source}: missing key '{name}.{missing[0]}'")
+    if dataclasses.is_dataclass(SECTIONS[name]):  # settings check their values together
+        try:
+            SECTIONS[name](**out)
+        except (ValueError, TypeError) as err:
+            raise type(err)(f"{source}: '{name}': {err}") from None
     return out
 
 

@@ -8,10 +8,8 @@ versions. Loading needs no pickle, so a checkpoint from elsewhere cannot run cod
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tdnn import registry, walk
+from tdnn.files import write_atomic
 from tdnn.layers.base import Factorized
 from tdnn.plan import PLAN_ATTR, LayerPlan, Plan
 
@@ -123,21 +122,7 @@ def save(model: nn.Module, path: PathLike) -> None:
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "tdnn_version": tdnn.__version__,
                 "torch_version": torch.__version__, "plan": json.dumps(plan.to_dict()),
                 "layers": json.dumps(layers), "aliases": json.dumps(aliases)}
-    path = os.fspath(path)
-    directory, base = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{base}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(tmp, "xb"):  # a new file gets the permissions the user's umask gives
-            mode = os.stat(tmp).st_mode
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, mode)  # safetensors writes files private (0600)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def read_header(path: PathLike) -> dict[str, Any]:

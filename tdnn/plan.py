@@ -50,9 +50,6 @@ class Plan:
     def factorized(self) -> list[LayerPlan]:
         return [layer for layer in self.layers if layer.factorized]
 
-    def dense(self) -> list[LayerPlan]:
-        return [layer for layer in self.layers if not layer.factorized]
-
     def to_dict(self) -> dict[str, Any]:
         return {"layers": [asdict(layer) for layer in self.layers]}
 

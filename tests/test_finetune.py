@@ -213,5 +213,5 @@ def test_bad_input_is_refused(teacher, digits):
     with pytest.raises(ValueError, match="optimizer='adam'"):
         tdnn.finetune(student, [(x[:8], y[:8])], optimizer="adam", progress=False)
     with pytest.raises(ValueError, match="divisible by the 3 processes"):
-        from tdnn.finetune import _Data
-        _Data(DataLoader(TensorDataset(x, y), batch_size=64), world=3, rank=0, seed=0)
+        from tdnn.finetune.data import EpochData
+        EpochData(DataLoader(TensorDataset(x, y), batch_size=64), world=3, rank=0, seed=0)

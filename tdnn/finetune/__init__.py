@@ -1,0 +1,280 @@
+"""``finetune``: win back accuracy after compression, from labels or by distillation from the original.
+
+The loop is deliberately plain (one optimizer step per batch) but complete: a tqdm bar, an
+evaluation callback per epoch, AMP on CUDA, atomic checkpoints with exact resume, and
+DistributedDataParallel when launched by ``torchrun``. Its parts: :class:`FinetuneSettings`
+(checked settings), :class:`~tdnn.finetune.data.EpochData` (the data order per epoch and process),
+:class:`~tdnn.finetune.step.TrainStep` (one optimizer step) and
+:class:`~tdnn.finetune.checkpoint.Checkpointer` (``last.pt``).
+
+Batch sizes are *global*: under ``torchrun`` each of the ``W`` processes takes ``1/W`` of every
+batch, so the same call gives the same optimisation (up to float rounding) on any number of processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from tdnn import distributed as ddp
+from tdnn.finetune.checkpoint import Checkpointer, rng_state, set_rng_state
+from tdnn.finetune.data import EpochData, global_batch_sizes
+from tdnn.finetune.settings import FinetuneSettings
+from tdnn.finetune.step import TrainStep, distillation_loss
+
+EvalFn = Callable[[nn.Module], Any]
+
+__all__ = ["finetune", "FinetuneResult", "FinetuneSettings", "distillation_loss", "global_batch_sizes"]
+
+
+@dataclass
+class FinetuneResult:
+    """What a :func:`finetune` run did.
+
+    Attributes:
+        steps: optimizer steps taken in total (including those before a resume).
+        epochs: epochs completed.
+        losses: this process's mean training loss of every step.
+        evals: what ``eval_fn`` returned after each completed epoch.
+        resumed_from: the step the run resumed from, ``None`` for a fresh run.
+    """
+
+    steps: int = 0
+    epochs: int = 0
+    losses: list[float] = field(default_factory=list)
+    evals: list[Any] = field(default_factory=list)
+    resumed_from: int | None = None
+
+
+class _Run:
+    """One fine-tuning run: the model on its device, the data, the step, the checkpoints and the position."""
+
+    def __init__(self, model: nn.Module, data: Iterable[Any], teacher: nn.Module | None, settings: FinetuneSettings,
+                 *, device: Any, distributed: bool | None, checkpoint_dir: Any, resume: bool) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if settings.alpha is not None and settings.alpha > 0 and teacher is None:
+            raise ValueError(f"alpha={settings.alpha} weights a distillation loss, which needs a teacher")
+        if settings.checkpoint_every is not None and checkpoint_dir is None:
+            raise ValueError("checkpoint_every needs a checkpoint_dir to write to")
+        device = torch.device(device or ddp.Launch.from_env().default_device(distributed)
+                              or next((p.device for p in model.parameters()), "cpu"))
+        amp = device.type == "cuda" if settings.amp is None else settings.amp
+        self.group = ddp.join(device, distributed)
+        self.data = EpochData(data, world=self.group.world, rank=self.group.rank, seed=settings.seed)
+        try:
+            self.per_epoch: int | None = len(self.data)
+        except TypeError:
+            self.per_epoch = None
+        if self.per_epoch is None and settings.max_steps is None:
+            raise ValueError("data has no length: give max_steps")
+        if self.per_epoch == 0:
+            raise ValueError("data has no batches")
+        total = settings.epochs * self.per_epoch if self.per_epoch is not None else settings.max_steps
+        self.total = min(total, settings.max_steps or total)
+        self.model, self.teacher, self.settings, self.device = model.to(device), teacher, settings, device
+        net = model if self.group.world == 1 else nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.step = TrainStep(net, teacher.to(device) if teacher is not None else None, settings,
+                              device=device, amp=amp, world=self.group.world, total=self.total)
+        self.record = {**settings.describe(), "amp": amp, "teacher": teacher is not None, **self.data.describe()}
+        self.checkpoints = Checkpointer(checkpoint_dir, self.group)
+        self.result, self.in_epoch, self.saved_at = FinetuneResult(), 0, None
+        self.rng_at = {"epoch": None, "step": None}  # states to restore on resume, see epoch()
+        self.epoch_rng: dict[str, Any] | None = None  # the RNG state at the current epoch's start
+        if resume:
+            self._resume()
+        else:
+            self.checkpoints.refuse_foreign(device)
+
+    def _resume(self) -> None:
+        state = self.checkpoints.read(self.record, total=self.total, epochs=self.settings.epochs,
+                                      per_epoch=self.per_epoch, device=self.device)
+        if state is None:
+            return
+        self.model.load_state_dict(state["model"])
+        self.step.load_state_dict(state)
+        self.result = FinetuneResult(state["step"], state["epoch"], list(state["losses"]), list(state["evals"]),
+                                     resumed_from=state["step"])
+        self.in_epoch, self.saved_at = state["in_epoch"], state["step"]
+        rank = self.group.rank
+        self.rng_at = {"epoch": state["epoch_rng"][rank], "step": state["rng"][rank]}
+
+    def save(self) -> None:
+        r = self.result
+        self.checkpoints.write({"settings": self.record, "model": self.model.state_dict(), **self.step.state_dict(),
+                                "step": r.steps, "epoch": r.epochs, "in_epoch": self.in_epoch,
+                                "losses": r.losses, "evals": r.evals}, self.epoch_rng)
+        self.saved_at = r.steps
+
+    def _resumed(self) -> None:
+        """Once the data iterator of the resumed epoch stands where the checkpoint was: the RNG as it was then."""
+        if self.rng_at["step"] is not None:
+            set_rng_state(self.rng_at["step"])
+        self.rng_at = {"epoch": None, "step": None}
+
+    def epoch(self, bar: tqdm) -> bool:
+        """Train the rest of the current epoch (up to the step limit); whether it was completed."""
+        # The data order may be drawn from the global RNG when the iterator is made: on resume,
+        # make it from the state saved at this epoch's start (then restore the state at the step).
+        self.epoch_rng = self.rng_at["epoch"] or rng_state()
+        set_rng_state(self.epoch_rng)
+        r, every, seen = self.result, self.settings.checkpoint_every, 0
+        for batch, global_n in self.data.epoch(r.epochs, self.in_epoch):
+            self._resumed()
+            seen += 1
+            r.losses.append(self.step(batch, global_n))
+            r.steps, self.in_epoch = r.steps + 1, self.in_epoch + 1
+            bar.update(1)
+            bar.set_postfix(epoch=r.epochs + 1, loss=f"{r.losses[-1]:.4f}")
+            if r.steps >= self.total:
+                return self.per_epoch is not None and self.in_epoch >= self.per_epoch
+            if every and r.steps % every == 0:
+                self.save()
+        self._resumed()
+        if seen == 0 and self.in_epoch == 0:
+            raise ValueError(f"data yielded no batches in epoch {r.epochs + 1}")
+        return True
+
+    def loop(self, eval_fn: EvalFn | None, progress: bool) -> FinetuneResult:
+        r = self.result
+        bar = tqdm(total=self.total, initial=r.steps, desc="finetune", unit="step", dynamic_ncols=True,
+                   disable=not progress or not self.group.main)
+        try:
+            with _training(self.model, self.teacher):
+                while r.steps < self.total and r.epochs < self.settings.epochs:
+                    if not self.epoch(bar):
+                        break
+                    r.epochs, self.in_epoch = r.epochs + 1, 0
+                    if eval_fn is not None:
+                        r.evals.append(_evaluate(self.model, eval_fn))
+                        if self.group.main:
+                            bar.write(f"epoch {r.epochs}: {r.evals[-1]}")
+                    self.epoch_rng = rng_state()  # the next epoch starts here
+                    self.save()
+                if self.saved_at != r.steps:
+                    self.save()
+        finally:
+            bar.close()
+            self.group.close()
+        return r
+
+
+class _training:
+    """Train mode for the model and eval mode for the teacher, each restored afterwards."""
+
+    def __init__(self, model: nn.Module, teacher: nn.Module | None) -> None:
+        self.modes = [(m, m.training) for m in (model, teacher) if m is not None]
+        self.model, self.teacher = model, teacher
+
+    def __enter__(self) -> None:
+        self.model.train()
+        if self.teacher is not None:
+            self.teacher.eval()  # its outputs are computed under no_grad: it is never updated
+
+    def __exit__(self, *exc: object) -> None:
+        for module, mode in self.modes:
+            module.train(mode)
+
+
+def _evaluate(model: nn.Module, eval_fn: EvalFn) -> Any:
+    model.eval()
+    try:
+        return eval_fn(model)
+    finally:
+        model.train()
+
+
+def finetune(model: nn.Module, data: Iterable[Any], settings: FinetuneSettings | None = None, *,
+             teacher: nn.Module | None = None, eval_fn: EvalFn | None = None,
+             checkpoint_dir: str | os.PathLike[str] | None = None, resume: bool = True,
+             device: str | torch.device | None = None, distributed: bool | None = None,
+             progress: bool = True, **options: Any) -> FinetuneResult:
+    """Train ``model`` in place on ``data``, from labels, from a teacher, or both.
+
+    The loss of one batch is ``alpha · KD + (1 − alpha) · CE`` where KD is
+    :func:`distillation_loss` between ``model`` and ``teacher`` at ``temperature`` and CE is the
+    cross-entropy with the labels (or ``loss_fn(output, labels)``). Without labels, distillation
+    from the original (uncompressed) model recovers accuracy from unlabelled inputs alone.
+
+    With ``checkpoint_dir``, the full training state (weights, optimizer, scheduler, AMP scaler,
+    position in the data, RNG states) is written atomically to ``checkpoint_dir/last.pt`` every
+    ``checkpoint_every`` steps, after each epoch and at the end. Calling ``finetune`` again with
+    the same arguments continues from there and ends with the same weights as a run that was
+    never interrupted — also for samplers that draw their order from the global RNG, whose state at
+    the epoch's start is restored (for a ``DataLoader`` with a plain sampler, batches before the
+    checkpoint are skipped without being loaded; random augmentation inside DataLoader worker
+    processes is then not replayed).
+
+    Launched by ``torchrun`` (``WORLD_SIZE`` > 1), each process trains a
+    ``DistributedDataParallel`` replica on its share of every global batch (gloo on CPU, NCCL on
+    CUDA); only rank 0 writes checkpoints and shows progress. BatchNorm statistics are per
+    process, as usual with DDP.
+
+    Args:
+        model: the model to train (modified in place), e.g. from :func:`tdnn.compress_model`.
+        data: a ``DataLoader`` or any re-iterable of batches; a batch is ``inputs``,
+            ``(inputs, labels)``, or a dict of model keyword arguments with optional ``"labels"``.
+            ``inputs`` may be a tensor, a tuple of arguments or a dict. The batch size is the
+            global batch, shared out among processes under ``torchrun``.
+        settings: a :class:`FinetuneSettings`; keyword ``options`` override its fields.
+        teacher: the reference model for distillation (kept frozen, in eval mode).
+        eval_fn: ``model -> value`` called after every epoch with the model in eval mode (on every
+            process under ``torchrun``); values are kept in the result and the checkpoint.
+        checkpoint_dir: directory for ``last.pt``; enables resume. Checked for writing at once.
+        resume: continue from ``checkpoint_dir/last.pt`` when it exists; ``False`` starts afresh
+            and overwrites it (never a file tdnn did not write).
+        device: where to train; default: the device of ``model``'s parameters (under torchrun
+            with CUDA available, ``cuda:LOCAL_RANK``).
+        distributed: force DDP on or off; default: on when launched with ``WORLD_SIZE`` > 1.
+        progress: show a tqdm progress bar (rank 0 only).
+        **options: the fields of :class:`FinetuneSettings`:
+
+            - ``epochs`` (1): passes over ``data``; ``max_steps``: stop after this many optimizer
+              steps (required when ``data`` has no length);
+            - ``lr`` (0.01): learning rate (peak, with a scheduler); ``optimizer``: ``"sgd"`` (with
+              ``momentum``, 0.9), ``"adamw"``, or ``params -> Optimizer``; ``weight_decay`` (0);
+            - ``scheduler``: ``"cosine"`` (to zero at the last step), ``"constant"``, or
+              ``(optimizer, total_steps) -> scheduler``; ``warmup_steps`` (0): linear warm-up;
+            - ``loss_fn``: ``(model_output, labels) -> scalar`` replacing cross-entropy;
+            - ``temperature`` (4.0): distillation temperature; ``alpha``: weight of the
+              distillation term, by default 1.0 with a teacher and unlabelled data, 0.5 with a
+              teacher and labels, 0.0 without a teacher;
+            - ``max_grad_norm``: clip the gradient norm; ``checkpoint_every``: also checkpoint
+              every this many steps; ``seed`` (0): the data order per epoch;
+            - ``amp``: mixed precision (float16 autocast and gradient scaling); default on for CUDA.
+
+    Returns:
+        A :class:`FinetuneResult` with per-step losses and per-epoch evaluations.
+
+    Raises:
+        ValueError: for bad settings, a batch without labels when there is no teacher, an
+            unwritable checkpoint directory, or a checkpoint that is unreadable, foreign, written
+            with different settings or does not fit this run.
+        TypeError: for unknown options, data that is a one-shot iterator or batches of an unknown form.
+
+    Example:
+        >>> import torch, tdnn
+        >>> _ = torch.manual_seed(0)
+        >>> teacher = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+        >>> student = tdnn.compress_model(teacher, ranks=0.25)
+        >>> batches = [torch.randn(16, 32) for _ in range(8)]    # unlabelled inputs
+        >>> res = tdnn.finetune(student, batches, teacher=teacher, epochs=3, lr=0.05, progress=False)
+        >>> res.steps, res.losses[-1] < res.losses[0]
+        (24, True)
+    """
+    known = {f.name for f in dataclasses.fields(FinetuneSettings)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"finetune: unknown option {unknown[0]!r}; the settings are {', '.join(sorted(known))}")
+    settings = dataclasses.replace(settings or FinetuneSettings(), **options)
+    run = _Run(model, data, teacher, settings, device=device, distributed=distributed,
+               checkpoint_dir=checkpoint_dir, resume=resume)
+    return run.loop(eval_fn, progress)

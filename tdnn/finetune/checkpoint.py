@@ -1,0 +1,131 @@
+"""Fine-tuning checkpoints: ``checkpoint_dir/last.pt`` with the whole training state, written
+atomically, checked before use, and the RNG states that make a resumed run identical."""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from tdnn.distributed import Group
+from tdnn.files import remove_stale, write_atomic
+
+NAME = "last.pt"
+FORMAT = "tdnn.finetune/1"
+
+
+def rng_state() -> dict[str, Any]:
+    """The global RNG states (torch, Python, NumPy, CUDA) as tensors and plain values."""
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:])}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, seed, *rest = state["python"]
+    random.setstate((version, tuple(seed), *rest))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fail(path: Path, problem: str) -> ValueError:
+    return ValueError(f"{path}: {problem}; delete it, use another checkpoint_dir, or pass resume=False "
+                      f"(--no-resume) to start afresh")
+
+
+class Checkpointer:
+    """Reads and writes ``directory/last.pt`` for one run (only the main process writes).
+
+    Made before any training, so an unwritable directory fails at once, not after an epoch.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str] | None, group: Group) -> None:
+        self.group = group
+        self.path = None if directory is None else Path(directory) / NAME
+        if self.path is None or not group.main:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.path.parent):
+                pass
+        except OSError as err:
+            raise ValueError(f"checkpoint_dir {self.path.parent} is not writable: {err}") from None
+        remove_stale(self.path)  # left by a run killed while writing
+
+    def read(self, expected: dict[str, Any], *, total: int, epochs: int, per_epoch: int | None,
+             device: torch.device) -> dict[str, Any] | None:
+        """The saved state, checked against this run's ``expected`` settings and sizes; ``None``
+        when there is no checkpoint yet.
+
+        Raises:
+            ValueError: naming the file, for a file that is not a readable tdnn.finetune checkpoint,
+                one written with other settings, or one whose position does not fit this run.
+        """
+        state = self._load(device)
+        if state is None:
+            return None
+        saved = state["settings"]
+        changed = sorted(k for k in expected.keys() | saved.keys() if expected.get(k) != saved.get(k))
+        if changed:
+            detail = ", ".join(f"{k}: {saved.get(k)!r} -> {expected.get(k)!r}" for k in changed)
+            raise _fail(self.path, f"written with different settings ({detail}); resume with the same arguments")
+        step, epoch, in_epoch = state["step"], state["epoch"], state["in_epoch"]
+        fits = (all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (step, epoch, in_epoch))
+                and step <= total and epoch <= epochs and (per_epoch is None or in_epoch <= per_epoch)
+                and isinstance(state["losses"], list) and len(state["losses"]) == step
+                and isinstance(state["evals"], list) and len(state["rng"]) == self.group.world)
+        if not fits:
+            raise _fail(self.path, f"its position (step {step!r}, epoch {epoch!r}, batch {in_epoch!r}) does "
+                                   f"not fit this run ({total} steps, {epochs} epochs) or its records disagree")
+        return state
+
+    def _load(self, device: torch.device) -> dict[str, Any] | None:
+        if self.path is None or not self.path.exists():
+            return None
+        try:
+            state = torch.load(self.path, map_location=device, weights_only=True)
+        except Exception as err:  # torch raises many types for a torn or foreign file
+            raise _fail(self.path, f"cannot be read as a checkpoint ({type(err).__name__}: {err})") from None
+        keys = {"format", "settings", "model", "optimizer", "scheduler", "scaler", "step", "epoch", "in_epoch",
+                "losses", "evals", "rng", "epoch_rng"}
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise _fail(self.path, "not a tdnn.finetune checkpoint")
+        missing = keys - state.keys()
+        if missing:
+            raise _fail(self.path, f"incomplete tdnn.finetune checkpoint (no {', '.join(sorted(missing))})")
+        return state
+
+    def refuse_foreign(self, device: torch.device) -> None:
+        """Before a fresh run (``resume=False``) overwrites ``last.pt``: refuse if tdnn did not write it."""
+        if self.path is not None and self.group.main and self.path.exists():
+            try:
+                self._load(device)
+            except ValueError:
+                raise ValueError(f"{self.path} exists and is not a tdnn.finetune checkpoint; refusing to "
+                                 f"overwrite it (move it away or use another checkpoint_dir)") from None
+
+    def write(self, state: dict[str, Any], epoch_rng: dict[str, Any]) -> None:
+        """Save ``state`` with every process's RNG states (now, and at the start of this epoch)."""
+        if self.path is None:
+            return
+        rngs = [rng_state()]
+        epoch_rngs = [epoch_rng]
+        if self.group.world > 1:
+            rngs, epoch_rngs = [None] * self.group.world, [None] * self.group.world
+            dist.all_gather_object(rngs, rng_state())
+            dist.all_gather_object(epoch_rngs, epoch_rng)
+        if self.group.main:
+            full = {"format": FORMAT, **state, "rng": rngs, "epoch_rng": epoch_rngs}
+            write_atomic(self.path, lambda tmp: torch.save(full, tmp))

@@ -1,0 +1,122 @@
+"""``FinetuneSettings``: the settings of a fine-tuning run, checked when they are made (by
+:func:`tdnn.finetune`, a YAML config or the command line) and compared when a run resumes."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULERS = ("cosine", "constant")
+# Settings that only take Python objects (optimizer and scheduler also take names).
+NOT_IN_YAML = frozenset({"loss_fn"})
+
+
+def _positive_int(name: str, value: Any, *, zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero else 1):
+        raise ValueError(f"{name}={value!r} must be a {'non-negative' if zero else 'positive'} int")
+
+
+def _number(name: str, value: Any, *, low: float, high: float = math.inf, open_low: bool = False) -> None:
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+          and (value > low if open_low else value >= low) and value <= high)
+    if not ok:
+        bounds = f"{'>' if open_low else '>='} {low:g}" + (f" and <= {high:g}" if high < math.inf else "")
+        raise ValueError(f"{name}={value!r} must be a number {bounds}")
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """How :func:`tdnn.finetune` trains; every value is checked here (see that function for each
+    argument's meaning).
+
+    Example:
+        >>> from tdnn.finetune import FinetuneSettings
+        >>> FinetuneSettings(epochs=2, lr=1e-3, optimizer="adamw").optimizer
+        'adamw'
+        >>> FinetuneSettings(optimizer="adam")
+        Traceback (most recent call last):
+        ...
+        ValueError: optimizer='adam': choose one of sgd, adamw or pass a callable params -> torch.optim.Optimizer
+    """
+
+    epochs: int = 1
+    max_steps: int | None = None
+    lr: float = 0.01
+    optimizer: str | Callable[[list[nn.Parameter]], torch.optim.Optimizer] = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    scheduler: str | Callable[[torch.optim.Optimizer, int], Any] = "cosine"
+    warmup_steps: int = 0
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
+    temperature: float = 4.0
+    alpha: float | None = None
+    max_grad_norm: float | None = None
+    checkpoint_every: int | None = None
+    seed: int = 0
+    amp: bool | None = None
+
+    def __post_init__(self) -> None:
+        _positive_int("epochs", self.epochs)
+        for name in ("max_steps", "checkpoint_every"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
+        _positive_int("warmup_steps", self.warmup_steps, zero=True)
+        _positive_int("seed", self.seed, zero=True)
+        _number("lr", self.lr, low=0, open_low=True)
+        _number("momentum", self.momentum, low=0, high=1)
+        _number("weight_decay", self.weight_decay, low=0)
+        _number("temperature", self.temperature, low=0, open_low=True)
+        if self.alpha is not None:
+            _number("alpha", self.alpha, low=0, high=1)
+        if self.max_grad_norm is not None:
+            _number("max_grad_norm", self.max_grad_norm, low=0, open_low=True)
+        if not callable(self.optimizer) and self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)} or pass a "
+                             f"callable params -> torch.optim.Optimizer")
+        if not callable(self.scheduler) and self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler={self.scheduler!r}: choose one of {', '.join(SCHEDULERS)} or pass a "
+                             f"callable (optimizer, total_steps) -> scheduler")
+        if self.loss_fn is not None and not callable(self.loss_fn):
+            raise TypeError(f"loss_fn must be callable (output, labels) -> loss, got {type(self.loss_fn).__name__}")
+        if self.amp is not None and not isinstance(self.amp, bool):
+            raise TypeError(f"amp must be true, false or null, got {self.amp!r}")
+
+    def describe(self) -> dict[str, Any]:
+        """A comparable record of the settings (callables by qualified name), kept in checkpoints."""
+        return {key: _describe(value) for key, value in asdict(self).items()}
+
+    def optimizer_for(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        if callable(self.optimizer):
+            return self.optimizer(params)
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+
+    def scheduler_for(self, opt: torch.optim.Optimizer, total: int) -> Any:
+        """The learning-rate schedule over ``total`` steps (linear warm-up, then cosine to zero or constant)."""
+        if callable(self.scheduler):
+            return self.scheduler(opt, total)
+        warmup, constant = self.warmup_steps, self.scheduler == "constant"
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            if constant:
+                return 1.0
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+        return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _describe(value: Any) -> Any:
+    """A comparable stand-in for a setting (callables by qualified name)."""
+    if callable(value):
+        return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', type(value).__name__)}"
+    return value

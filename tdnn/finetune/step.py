@@ -1,0 +1,141 @@
+"""One training step: the distillation and label losses, AMP, clipping, the optimizer and the schedule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tdnn.batches import batch_size, call, map_tensors, split_labels
+from tdnn.finetune.settings import FinetuneSettings
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
+                      temperature: float = 4.0, reduction: str = "mean") -> torch.Tensor:
+    """``T² · KL(softmax(teacher/T) ‖ softmax(student/T))`` (Hinton et al., 2015).
+
+    The ``T²`` factor keeps gradient magnitudes comparable across temperatures, so the loss can
+    be mixed with a cross-entropy term without retuning the weight.
+
+    Args:
+        student_logits: ``(N, classes)`` (or ``(N, ..., classes)``) logits being trained.
+        teacher_logits: logits of the same shape from the reference model.
+        temperature: softening temperature ``T > 0``.
+        reduction: ``"mean"`` (over samples), ``"sum"`` or ``"none"`` (one value per sample).
+
+    Returns:
+        The loss, reduced as asked.
+
+    Example:
+        >>> import torch
+        >>> from tdnn.finetune import distillation_loss
+        >>> t = torch.randn(4, 10)
+        >>> distillation_loss(t, t).item() == 0.0
+        True
+        >>> bool(distillation_loss(torch.zeros(4, 10), t) > 0)
+        True
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature} must be positive")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ in shape")
+    classes = student_logits.shape[-1]
+    s = F.log_softmax(student_logits.float().reshape(-1, classes) / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float().reshape(-1, classes) / temperature, dim=-1)
+    per_row = F.kl_div(s, t, log_target=True, reduction="none").sum(-1) * temperature ** 2
+    per_sample = per_row.reshape(student_logits.shape[0], -1).sum(-1)
+    if reduction == "none":
+        return per_sample
+    if reduction == "sum":
+        return per_sample.sum()
+    if reduction == "mean":
+        return per_sample.mean()
+    raise ValueError(f"reduction={reduction!r}: choose 'mean', 'sum' or 'none'")
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits in a model output: a tensor, ``.logits``, ``["logits"]`` or the first of a tuple."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, Mapping) and "logits" in output:
+        return output["logits"]
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}; "
+                    f"return a tensor, a tuple starting with the logits, or an object with .logits")
+
+
+class TrainStep:
+    """One optimizer step on one batch: the loss ``alpha · KD + (1 − alpha) · CE`` (or the user's
+    ``loss_fn``), AMP scaling, gradient clipping, the optimizer and the scheduler."""
+
+    def __init__(self, net: nn.Module, teacher: nn.Module | None, settings: FinetuneSettings, *,
+                 device: torch.device, amp: bool, world: int, total: int) -> None:
+        self.net, self.teacher, self.settings = net, teacher, settings
+        self.device, self.amp, self.world = device, amp, world
+        self.params = [p for p in net.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError(f"{type(net).__name__} has no trainable parameters")
+        self.opt = settings.optimizer_for(self.params)
+        self.sched = settings.scheduler_for(self.opt, total)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp)
+        if settings.alpha is not None:
+            self.alpha_labelled = self.alpha_unlabelled = settings.alpha
+        else:  # distill only from a teacher: half and half with labels, all of it without
+            self.alpha_labelled, self.alpha_unlabelled = (0.5, 1.0) if teacher is not None else (0.0, 0.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+    def loss(self, inputs: Any, labels: Any) -> torch.Tensor:
+        a, s = self.alpha_labelled if labels is not None else self.alpha_unlabelled, self.settings
+        if labels is None and a < 1.0:
+            raise ValueError("a batch has no labels: give a teacher for label-free distillation, "
+                             "or data of (inputs, labels)")
+        output = call(self.net, inputs)
+        loss = torch.zeros((), device=self.device)
+        if a < 1.0:
+            label_loss = (s.loss_fn(output, labels) if s.loss_fn is not None
+                          else F.cross_entropy(logits_of(output).float(), labels))
+            loss = loss + (1.0 - a) * label_loss
+        if a > 0.0:
+            with torch.no_grad():
+                target = logits_of(call(self.teacher, inputs))
+            loss = loss + a * distillation_loss(logits_of(output), target, temperature=s.temperature)
+        return loss
+
+    def __call__(self, batch: Any, global_n: int) -> float:
+        """Train on this process's share of a global batch of ``global_n`` samples; the loss value."""
+        inputs, labels = split_labels(batch)
+        inputs = map_tensors(inputs, lambda t: t.to(self.device, non_blocking=True))
+        labels = map_tensors(labels, lambda t: t.to(self.device, non_blocking=True))
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            loss = self.loss(inputs, labels)
+        # The mean over this process's share, rescaled so that DDP's average over processes is the
+        # mean over the global batch even when the shares differ in size.
+        scaled = loss * (batch_size(inputs) * self.world / global_n)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(scaled).backward()
+        if self.settings.max_grad_norm is not None:
+            self.scaler.unscale_(self.opt)
+            nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        value = loss.item()
+        if not math.isfinite(value) and not self.amp:
+            raise FloatingPointError(f"loss is {value}; try a lower lr than {self.settings.lr} or max_grad_norm")
+        return value

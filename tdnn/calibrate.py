@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tdnn import registry
+from tdnn import registry, temporary
 from tdnn.batches import call
 
 
@@ -88,19 +88,17 @@ class _Tracker:
     # vectors key -> (weakref to an input, its version, Σ x xᵀ, count), this batch:
     # layers reading the very same tensor the same way (Q, K, V) compute the product once
     terms: dict[tuple, tuple[Any, int, torch.Tensor, int]] = field(default_factory=dict)
-    handles: list[Any] = field(default_factory=list)
 
-    def attach(self, model: nn.Module) -> None:
+    def attach(self, model: nn.Module) -> list[Any]:
+        """Register the hooks; return their handles."""
+        handles = []
         for name, module in self.modules.items():
-            self.handles.append(module.register_forward_pre_hook(self._pre(name)))
-            self.handles.append(module.register_forward_hook(self._post(name)))
+            handles.append(module.register_forward_pre_hook(self._pre(name)))
+            handles.append(module.register_forward_hook(self._post(name)))
         for bn in model.modules():
             if isinstance(bn, nn.modules.batchnorm._BatchNorm):
-                self.handles.append(bn.register_forward_pre_hook(self._bn))
-
-    def detach(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+                handles.append(bn.register_forward_pre_hook(self._bn))
+        return handles
 
     def _pre(self, name: str):
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -151,31 +149,19 @@ def collect(model: nn.Module, batches: Iterable[Any], layers: dict[str, tuple[nn
     """
     tracker = _Tracker({name: InputStats(geometry) for name, (_, geometry) in layers.items()},
                        {name: module for name, (module, _) in layers.items()})
-    tracker.attach(model)
     n = 0
-    restore = _evaluating(model)
-    try:
+    with temporary.hooks(tracker.attach(model)), temporary.modes({model: False}):
         for batch in tqdm(batches, desc="calibrating", disable=not progress, leave=False):
             tracker.outputs.clear()
             call(model, batch)
             tracker.terms.clear()
             n += 1
-    finally:
-        tracker.detach()
-        restore()
     if n == 0:
         raise ValueError("calibration: no batches given")
     for name, stats in tracker.stats.items():
         if stats.count == 0:
             raise ValueError(f"{name}: calibration data never reached this layer")
     return tracker.stats
-
-
-def _evaluating(model: nn.Module):
-    """Put ``model`` in eval mode; return the function that restores every module's flag."""
-    flags = {module: module.training for module in model.modules()}
-    model.eval()
-    return lambda: [module.train(training) for module, training in flags.items()]
 
 
 @torch.no_grad()
@@ -192,16 +178,10 @@ def collect_cross(model: nn.Module, module: nn.Module, reference: nn.Module, ref
         stats.update(m, args[0], seen.pop("x"))
 
     handles = [ref_module.register_forward_pre_hook(remember), module.register_forward_pre_hook(accumulate)]
-    restores = [_evaluating(reference), _evaluating(model)]
-    try:
+    with temporary.hooks(handles), temporary.modes({reference: False, model: False}):
         for batch in batches:
             call(reference, batch)
             call(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for restore in restores:
-            restore()
     return stats
 
 

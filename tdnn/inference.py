@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_weights
 
-from tdnn import walk
+from tdnn import temporary, walk
 from tdnn.batches import call, map_tensors
 from tdnn.latency import latencies
 
@@ -51,7 +51,7 @@ def _tensors(output: Any) -> list[torch.Tensor]:
 
 def _foldable_pairs(model: nn.Module, example: Any) -> list[tuple[str, str]]:
     """``(layer, batchnorm)`` names where, on ``example``, a BatchNorm's input *is* the unmodified
-    output of a Conv2d (BatchNorm2d) or of a Linear with 2-D output (BatchNorm1d), each module
+    output of a Conv2d (BatchNorm2d) or of a Conv1d or a Linear with 2-D output (BatchNorm1d), each module
     called once, the layer's weight not shared with another module."""
     names: dict[int, str] = {}
     for name, module in model.named_modules(remove_duplicate=False):
@@ -63,12 +63,12 @@ def _foldable_pairs(model: nn.Module, example: Any) -> list[tuple[str, str]]:
 
     def layer_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         calls[names[id(module)]] += 1
-        if isinstance(output, torch.Tensor) and (isinstance(module, nn.Conv2d) or output.dim() == 2):
+        if isinstance(output, torch.Tensor) and (not isinstance(module, nn.Linear) or output.dim() == 2):
             outputs[names[id(module)]] = weakref.ref(output), output._version
 
     def bn_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
         calls[names[id(module)]] += 1
-        want = nn.Conv2d if isinstance(module, nn.BatchNorm2d) else nn.Linear
+        want = nn.Conv2d if isinstance(module, nn.BatchNorm2d) else (nn.Conv1d, nn.Linear)
         for name, (ref, version) in outputs.items():
             # an in-place op in between (ReLU(inplace=True)) keeps the tensor but bumps its version
             if args and ref() is args[0] and args[0]._version == version and isinstance(
@@ -79,17 +79,13 @@ def _foldable_pairs(model: nn.Module, example: Any) -> list[tuple[str, str]]:
     for module in model.modules():
         if _hooked(module):  # a user's hook would see a different tensor after folding
             continue
-        if type(module) in (nn.Conv2d, nn.Linear) and owners[id(module.weight)] == 1:
+        if type(module) in (nn.Conv1d, nn.Conv2d, nn.Linear) and owners[id(module.weight)] == 1:
             handles.append(module.register_forward_hook(layer_hook))
         elif (type(module) in (nn.BatchNorm2d, nn.BatchNorm1d) and module.running_mean is not None
               and module.running_var is not None):
             handles.append(module.register_forward_pre_hook(bn_hook))
-    try:
-        with torch.no_grad():  # (not inference_mode: its tensors have no version counter)
-            call(model, example)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with temporary.hooks(handles), torch.no_grad():  # (not inference_mode: it has no version counters)
+        call(model, example)
     return [(layer, bn) for layer, bn in pairs if calls[layer] == 1 and calls[bn] == 1]
 
 
@@ -99,7 +95,7 @@ def _hooked(module: nn.Module) -> bool:
 
 
 def _fused(layer: nn.Module, bn: nn.Module) -> nn.Module:
-    if isinstance(layer, nn.Conv2d):
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
         return fuse_conv_bn_eval(layer, bn)
     fused = copy.deepcopy(layer)
     gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)  # affine=False
@@ -178,7 +174,7 @@ def optimize_for_inference(model: nn.Module, example: Any, *, fold_batchnorm: bo
         example: one input batch in the shape you will deploy with (a tensor, a tuple of
             arguments or a dict of keyword arguments).
         fold_batchnorm: fold eval-mode ``BatchNorm2d`` after ``Conv2d`` and ``BatchNorm1d`` after
-            ``Linear`` into the layer.
+            ``Conv1d`` or ``Linear`` into the layer.
         memory_format: ``"auto"`` (time both layouts on ``example``, interleaved, keep the faster),
             ``"channels_last"`` or ``"contiguous"``.
         inplace: modify ``model`` itself instead of a deep copy.

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from tdnn import registry, walk
+from tdnn import registry, temporary, walk
 from tdnn.batches import call
 from tdnn.cost import model_flops
 from tdnn.layers.base import Factorized
@@ -156,13 +156,9 @@ def report(model: nn.Module, inputs: Any = None) -> Report:
     def remember(module: nn.Module, args: tuple[Any, ...]) -> None:
         seen_inputs.setdefault(id(module), args)
 
-    handles = [module.register_forward_pre_hook(remember) for _, module, _ in layers]
-    try:
-        with FlopCounterMode(display=False) as counter:
-            call(model, inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with temporary.hooks(module.register_forward_pre_hook(remember) for _, module, _ in layers), \
+            FlopCounterMode(display=False) as counter:
+        call(model, inputs)
     rep.flops_after = counter.get_total_flops()
     for record, (_, module, _) in zip(records, layers):
         args = seen_inputs.get(id(module))

@@ -144,4 +144,5 @@ def test_conv1d_budget_save_load_merge_export(tmp_path):
     program = torch.export.export(small, (x[:2],))
     torch.testing.assert_close(program.module()(x[:2]), small(x[:2]), atol=1e-6, rtol=0)
     fast = tdnn.optimize_for_inference(small, x[:8], memory_format="contiguous")
+    assert [bn for _, bn in fast.tdnn_inference.folded] == ["1"] and isinstance(fast[1], nn.Identity)
     torch.testing.assert_close(fast(x), small(x), atol=1e-4, rtol=1e-4)

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tdnn import distributed as ddp
+from tdnn import temporary
 from tdnn.finetune.checkpoint import Checkpointer, rng_state, set_rng_state
 from tdnn.finetune.data import EpochData, global_batch_sizes
 from tdnn.finetune.settings import FinetuneSettings
@@ -148,7 +149,8 @@ class _Run:
         bar = tqdm(total=self.total, initial=r.steps, desc="finetune", unit="step", dynamic_ncols=True,
                    disable=not progress or not self.group.main)
         try:
-            with _training(self.model, self.teacher):
+            # the teacher's outputs are computed under no_grad: it is never updated
+            with temporary.modes({self.model: True, self.teacher: False}):
                 while r.steps < self.total and r.epochs < self.settings.epochs:
                     if not self.epoch(bar):
                         break
@@ -165,23 +167,6 @@ class _Run:
             bar.close()
             self.group.close()
         return r
-
-
-class _training:
-    """Train mode for the model and eval mode for the teacher, each restored afterwards."""
-
-    def __init__(self, model: nn.Module, teacher: nn.Module | None) -> None:
-        self.modes = [(m, m.training) for m in (model, teacher) if m is not None]
-        self.model, self.teacher = model, teacher
-
-    def __enter__(self) -> None:
-        self.model.train()
-        if self.teacher is not None:
-            self.teacher.eval()  # its outputs are computed under no_grad: it is never updated
-
-    def __exit__(self, *exc: object) -> None:
-        for module, mode in self.modes:
-            module.train(mode)
 
 
 def _evaluate(model: nn.Module, eval_fn: EvalFn) -> Any:

@@ -52,9 +52,17 @@ def _head(model: nn.Module) -> tuple[str, nn.Linear]:
     raise ValueError(f"{type(model).__name__}: cannot find the classifier (fc / classifier / head)")
 
 
-def set_num_classes(model: nn.Module, num_classes: int) -> bool:
-    """Give ``model`` a new, freshly initialised classifier when its class count differs."""
-    name, head = _head(model)
+def set_num_classes(model: nn.Module, num_classes: int, image_size: int = 32) -> bool:
+    """Give ``model`` a new, freshly initialised classifier when its class count differs (a model
+    without a classifier tdnn can find is accepted when its output already has ``num_classes``)."""
+    try:
+        name, head = _head(model)
+    except ValueError as err:
+        with torch.no_grad():
+            classes = model.eval()(torch.zeros(1, 3, image_size, image_size)).shape[-1]
+        if classes == num_classes:
+            return False
+        raise ValueError(f"{err}; the model gives {classes} classes, not {num_classes}") from None
     if head.out_features == num_classes:
         return False
     parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
@@ -62,7 +70,8 @@ def set_num_classes(model: nn.Module, num_classes: int) -> bool:
     return True
 
 
-def build_model(name: str, *, weights: str | None = None, num_classes: int | None = None) -> nn.Module:
+def build_model(name: str, *, weights: str | None = None, num_classes: int | None = None,
+                image_size: int = 32) -> nn.Module:
     """A model by torchvision name (``resnet18``) or import path (``package.module:factory``).
 
     Args:
@@ -70,13 +79,19 @@ def build_model(name: str, *, weights: str | None = None, num_classes: int | Non
         weights: a torchvision weights name (``IMAGENET1K_V1``, ``ResNet18_Weights.DEFAULT``;
             downloads on first use) or a local state-dict file (``.pt``/``.pth``/``.safetensors``).
         num_classes: replace the classifier by a new one when the class count differs.
+        image_size: the input size, to count a model's classes when it has no classifier tdnn finds.
     """
     state = _load_state_dict(weights) if weights is not None and os.path.exists(weights) else None
     if ":" in name:
         module, _, attr = name.partition(":")
         if weights is not None and state is None:
             raise ValueError(f"weights {weights!r}: not a file; named weights need a torchvision model")
-        model = getattr(importlib.import_module(module), attr)()
+        factory = getattr(importlib.import_module(module), attr, None)
+        if not callable(factory):
+            raise ValueError(f"--model {name}: module {module} has no {attr!r} to call")
+        model = factory()
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"--model {name}: {attr}() returned a {type(model).__name__}, not an nn.Module")
     else:
         models = _torchvision().models
         if name not in models.list_models():
@@ -91,7 +106,7 @@ def build_model(name: str, *, weights: str | None = None, num_classes: int | Non
     if state is not None:
         model.load_state_dict(state)
     if num_classes is not None:
-        set_num_classes(model, num_classes)
+        set_num_classes(model, num_classes, image_size)
     return model
 
 

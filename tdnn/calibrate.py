@@ -10,8 +10,9 @@ the output error that matters.
 
 from __future__ import annotations
 
+import collections
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tdnn import registry, temporary
-from tdnn.batches import call
+from tdnn.batches import call, map_tensors
 
 
 @dataclass
@@ -131,6 +132,29 @@ class _Tracker:
                     self.stats[name].out_scale = scale.detach().to(torch.float64).cpu()
 
 
+def batch_list(calibration: Iterable[Any]) -> list[Any]:
+    """The calibration batches as a list, each checked to hold only finite values.
+
+    Raises:
+        TypeError: for a single tensor or dict (one batch, not an iterable of batches).
+        ValueError: naming the first batch with NaN or Inf values.
+    """
+    if isinstance(calibration, (torch.Tensor, Mapping)):
+        what = f"tensor of shape {tuple(calibration.shape)}" if isinstance(calibration, torch.Tensor) else "dict"
+        raise TypeError(f"calibration must be an iterable of batches, got a single {what}; for one batch x "
+                        f"pass calibration=[x]")
+    batches = list(calibration)
+    for i, batch in enumerate(batches):
+        if not isinstance(batch, (torch.Tensor, tuple, list, Mapping)):
+            raise TypeError(f"calibration batch {i}: a batch must be a tensor, a tuple/list of arguments or a "
+                            f"dict of keyword arguments, got {type(batch).__name__}")
+        bad = []
+        map_tensors(batch, lambda t: bad.append(t.is_floating_point() and not torch.isfinite(t).all()) or t)
+        if any(bad):
+            raise ValueError(f"calibration batch {i} holds NaN or Inf values")
+    return batches
+
+
 @torch.no_grad()
 def collect(model: nn.Module, batches: Iterable[Any], layers: dict[str, tuple[nn.Module, str]],
             *, progress: bool = False) -> dict[str, InputStats]:
@@ -153,7 +177,7 @@ def collect(model: nn.Module, batches: Iterable[Any], layers: dict[str, tuple[nn
     with temporary.hooks(tracker.attach(model)), temporary.modes({model: False}):
         for batch in tqdm(batches, desc="calibrating", disable=not progress, leave=False):
             tracker.outputs.clear()
-            call(model, batch)
+            run(model, batch, n)
             tracker.terms.clear()
             n += 1
     if n == 0:
@@ -161,7 +185,21 @@ def collect(model: nn.Module, batches: Iterable[Any], layers: dict[str, tuple[nn
     for name, stats in tracker.stats.items():
         if stats.count == 0:
             raise ValueError(f"{name}: calibration data never reached this layer")
+        if not torch.isfinite(stats.gram).all():
+            raise ValueError(f"{name}: calibration inputs of this layer hold NaN or Inf values (an overflow "
+                             f"in the layers before it?)")
     return tracker.stats
+
+
+def run(model: nn.Module, batch: Any, index: int) -> Any:
+    """``model`` on calibration batch number ``index``; a failure says how batches are passed."""
+    try:
+        return call(model, batch)
+    except (TypeError, ValueError, RuntimeError, IndexError) as err:
+        raise ValueError(f"calibration batch {index}: the model failed on it ({type(err).__name__}: {err}); "
+                         f"a batch is passed as model(batch) for a tensor, model(*batch) for a tuple or list, "
+                         f"model(**batch) for a dict: for a DataLoader of (inputs, labels) give "
+                         f"(x for x, _ in loader)") from err
 
 
 @torch.no_grad()
@@ -169,13 +207,13 @@ def collect_cross(model: nn.Module, module: nn.Module, reference: nn.Module, ref
                   batches: Iterable[Any], geometry: str) -> InputStats:
     """Input statistics of ``module`` in ``model`` together with their cross moment with the inputs
     of ``ref_module`` in ``reference`` (the uncompressed model) on the same batches."""
-    stats, seen = InputStats(geometry), {}
+    stats, seen = InputStats(geometry), collections.deque()  # a layer may run several times per batch
 
     def remember(m: nn.Module, args: tuple[Any, ...]) -> None:
-        seen["x"] = registry.kind_of(m).vectors(m, args[0].detach(), geometry).to(torch.float64)
+        seen.append(registry.kind_of(m).vectors(m, args[0].detach(), geometry).to(torch.float64))
 
     def accumulate(m: nn.Module, args: tuple[Any, ...]) -> None:
-        stats.update(m, args[0], seen.pop("x"))
+        stats.update(m, args[0], seen.popleft())
 
     handles = [ref_module.register_forward_pre_hook(remember), module.register_forward_pre_hook(accumulate)]
     with temporary.hooks(handles), temporary.modes({reference: False, model: False}):
@@ -183,6 +221,9 @@ def collect_cross(model: nn.Module, module: nn.Module, reference: nn.Module, ref
             call(reference, batch)
             call(model, batch)
     return stats
+
+
+MIN_DAMPING = 1e-9  # the ridge damping=0 gets, relative to the mean eigenvalue
 
 
 class Whitening:
@@ -205,7 +246,8 @@ class Whitening:
         if mean <= torch.finfo(cov.dtype).eps * float(evals.abs().max().clamp_min(1e-300)):
             ridge, evals = 0.0, torch.ones_like(evals)  # no signal at all: fall back to plain truncation
         else:
-            ridge = damping * mean
+            # damping=0 still needs an invertible root where the data never goes (dead units)
+            ridge = max(damping, MIN_DAMPING) * mean
             evals = evals.clamp_min(0) + ridge               # cov + λI
         self.root = vecs * evals.sqrt()                      # R,   R Rᵀ = cov + λI
         self.root_inv = (vecs / evals.sqrt()).T              # R⁻¹

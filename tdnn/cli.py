@@ -148,10 +148,11 @@ def _finetune(args: argparse.Namespace) -> None:
     data = vision.image_data(args.data, image_size=args.image_size, batch_size=args.batch_size,
                              workers=args.workers)
     classes = args.num_classes or data.num_classes
-    small = tdnn.load(args.checkpoint, vision.build_model(args.model, num_classes=classes))
+    small = tdnn.load(args.checkpoint, vision.build_model(args.model, num_classes=classes, image_size=data.image_size))
     teacher = None
     if args.teacher_weights is not None:
-        teacher = vision.build_model(args.model, weights=args.teacher_weights, num_classes=classes)
+        teacher = vision.build_model(args.model, weights=args.teacher_weights, num_classes=classes,
+                                     image_size=data.image_size)
     elif settings.alpha:
         raise ValueError(f"the config sets alpha={settings.alpha} (distillation): give --teacher-weights, "
                          f"or override the config")

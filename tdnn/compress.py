@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -24,15 +25,6 @@ from tdnn.ranks import NO_ENTRY, VBMF, Energy, RankRule, dense_param_count, rank
 FilterFn = Callable[[nn.Module, str], bool]
 
 
-def _ties(model: nn.Module) -> dict[int, list[str]]:
-    """Parameter id -> the names of the modules holding it, for parameters held by several."""
-    owners: dict[int, list[str]] = {}
-    for name, module in model.named_modules():
-        for param in module.parameters(recurse=False):
-            owners.setdefault(id(param), []).append(name or "<root>")
-    return {key: names for key, names in owners.items() if len(names) > 1}
-
-
 def _why_not(name: str, module: nn.Module, parent: nn.Module | None, ties: dict[int, list[str]]) -> str | None:
     """Reasons that hold whatever the rank: modules that must stay as they are."""
     if isinstance(parent, nn.MultiheadAttention) and module is parent.out_proj:
@@ -49,7 +41,8 @@ def _why_not(name: str, module: nn.Module, parent: nn.Module | None, ties: dict[
         return "weight is parametrized; call torch.nn.utils.parametrize.remove_parametrizations first"
     if any(type(h).__name__ in ("WeightNorm", "SpectralNorm") for h in module._forward_pre_hooks.values()):
         return "weight is recomputed by a weight_norm/spectral_norm hook; remove it first"
-    others = [n for n in ties.get(id(module.weight), []) if n != (name or "<root>")]
+    owners = [n.rpartition(".")[0] for n in ties.get(id(module.weight), [])]
+    others = [n or "<root>" for n in owners if n != name]
     if others:
         return f"weight is tied to {', '.join(others)} (the same Parameter); factorizing would untie them"
     return None
@@ -261,12 +254,17 @@ def compress_model(model: nn.Module, ranks: Any = None, *, method: str = "auto",
         raise ValueError("sequential=True needs calibration data")
     if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int) or rank_multiple < 1:
         raise ValueError(f"rank_multiple must be a positive int, got {rank_multiple!r}")
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 <= damping < math.inf:
+        raise ValueError(f"damping={damping!r} must be a finite number >= 0")
     timer = _timer(latency_aware, calibration)
     rule = None if ranks is None else RankRule(ranks)
     found = list(walk.named_layers(model))
     if not found:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear or nn.Conv2d layers to compress")
-    ties = _ties(model)
+        done = sum(isinstance(m, Factorized) for m in model.modules())
+        kinds = ", ".join(k.name for k in registry.kinds())
+        raise ValueError(f"{type(model).__name__} has no dense layers to compress"
+                         + (f": its {done} layers are already factorized" if done else f" ({kinds})"))
+    ties = walk.shared_parameters(model)
     layers = [_select(name, module, parent, rule, method, filter_fn, ties) for name, module, parent in found]
     if rule is not None:
         for key in rule.unused_keys():
@@ -284,7 +282,7 @@ def compress_model(model: nn.Module, ranks: Any = None, *, method: str = "auto",
         for l in layers:
             l.module = memo[id(l.module)]
     chosen = [l for l in layers if l.cls is not None]
-    batches = None if calibration is None else list(calibration)
+    batches = None if calibration is None else calibrate.batch_list(calibration)
     stats = _whiten(model, chosen, batches, damping, progress) if batches is not None and chosen else {}
     if budget is not None:
         _allocate(model, chosen, budget, stats, batches, rank_multiple)
@@ -295,13 +293,20 @@ def compress_model(model: nn.Module, ranks: Any = None, *, method: str = "auto",
 
     # Sequential mode fits each layer to what the original layer computed on the original inputs.
     reference = (original if not inplace else copy.deepcopy(model)) if sequential else None
-    for l in tqdm(chosen, desc="decomposing", disable=not progress, leave=False):
-        if sequential:
-            _refit(model, reference, l, batches, damping, stats[l.name].out_scale)
-        new = l.cls.from_dense(l.module, l.entry.rank, name=l.name, whitening=l.whitening)
-        if timer is not None and not _faster(l, new, timer, stats[l.name].input_shape):
-            continue
-        model = walk.swap(model, {id(l.module): new})
+    swapped: dict[int, nn.Module] = {}  # new module id -> the module it replaced
+    try:
+        for l in tqdm(chosen, desc="decomposing", disable=not progress, leave=False):
+            if sequential:
+                _refit(model, reference, l, batches, damping, stats[l.name].out_scale)
+            new = l.cls.from_dense(l.module, l.entry.rank, name=l.name, whitening=l.whitening)
+            if timer is not None and not _faster(l, new, timer, stats[l.name].input_shape):
+                continue
+            model = walk.swap(model, {id(l.module): new})
+            swapped[id(new)] = l.module
+    except BaseException:
+        if inplace:  # leave the user's model as it was
+            walk.swap(model, swapped)
+        raise
 
     plan = Plan([l.entry for l in layers])
     previous = getattr(model, PLAN_ATTR, None)

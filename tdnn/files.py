@@ -19,7 +19,8 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
         PermissionError: if ``path`` exists and is read-only (it is not replaced behind your back).
     """
     path = os.fspath(path)
-    if os.path.exists(path) and not os.access(path, os.W_OK):
+    # the mode bits too: root may write anywhere, but a file marked read-only is not ours to replace
+    if os.path.exists(path) and (not os.access(path, os.W_OK) or not os.stat(path).st_mode & 0o222):
         raise PermissionError(f"{path} is read-only; make it writable or write elsewhere")
     directory, base = os.path.split(os.path.abspath(path))
     tmp = os.path.join(directory, f".{base}.{uuid.uuid4().hex[:12]}.tmp")

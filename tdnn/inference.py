@@ -51,8 +51,9 @@ def _tensors(output: Any) -> list[torch.Tensor]:
 
 def _foldable_pairs(model: nn.Module, example: Any) -> list[tuple[str, str]]:
     """``(layer, batchnorm)`` names where, on ``example``, a BatchNorm's input *is* the unmodified
-    output of a Conv2d (BatchNorm2d) or of a Conv1d or a Linear with 2-D output (BatchNorm1d), each module
-    called once, the layer's weight not shared with another module."""
+    output of a Conv2d (BatchNorm2d) or of a Conv1d or a Linear with 2-D output (BatchNorm1d), each
+    module called once, the layer's weight not shared with another module, and the layer's output
+    not kept anywhere after the call."""
     names: dict[int, str] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         names.setdefault(id(module), name)  # a module under several names: its first, as in the plan
@@ -85,8 +86,10 @@ def _foldable_pairs(model: nn.Module, example: Any) -> list[tuple[str, str]]:
               and module.running_var is not None):
             handles.append(module.register_forward_pre_hook(bn_hook))
     with temporary.hooks(handles), torch.no_grad():  # (not inference_mode: it has no version counters)
-        call(model, example)
-    return [(layer, bn) for layer, bn in pairs if calls[layer] == 1 and calls[bn] == 1]
+        call(model, example)  # (its result is dropped at once: see below)
+    # A layer output still alive now is kept somewhere (self.feat = y): folding would change it.
+    kept = {name for name, (ref, _) in outputs.items() if ref() is not None}
+    return [(layer, bn) for layer, bn in pairs if calls[layer] == 1 and calls[bn] == 1 and layer not in kept]
 
 
 def _hooked(module: nn.Module) -> bool:

@@ -141,13 +141,48 @@ def read_header(path: PathLike) -> dict[str, Any]:
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not a tdnn checkpoint (safetensors metadata has no "
                          f"format={FORMAT!r}); write it with tdnn.save")
+    try:
+        return _header(meta)
+    except ValueError as err:
+        raise ValueError(f"{path}: damaged tdnn checkpoint header: {err}") from None
+
+
+def _header(meta: dict[str, str]) -> dict[str, Any]:
+    """The checked header fields; a ``ValueError`` names the first field that is missing or wrong."""
+    for key in ("format_version", "tdnn_version", "plan", "layers", "aliases"):
+        if key not in meta:
+            raise ValueError(f"'{key}' is missing")
+    if not meta["format_version"].isdigit():
+        raise ValueError(f"'format_version' must be a whole number, got {meta['format_version']!r}")
     version = int(meta["format_version"])
     if version > FORMAT_VERSION:
-        raise ValueError(f"{path}: checkpoint format version {version} (tdnn {meta['tdnn_version']}) is "
-                         f"newer than this tdnn reads ({FORMAT_VERSION}); upgrade tdnn")
+        raise ValueError(f"format version {version} (tdnn {meta['tdnn_version']}) is newer than this tdnn "
+                         f"reads ({FORMAT_VERSION}); upgrade tdnn")
+    parsed = {}
+    for key in ("plan", "layers", "aliases"):
+        try:
+            parsed[key] = json.loads(meta[key])
+        except json.JSONDecodeError as err:
+            raise ValueError(f"'{key}' is not valid JSON ({err})") from None
+    layers, aliases = parsed["layers"], parsed["aliases"]
+    if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                for k, v in aliases.items()):
+        raise ValueError("'aliases' must map tensor names to tensor names")
+    if not isinstance(layers, dict):
+        raise ValueError("'layers' must map layer names to their records")
+    for name, info in layers.items():
+        if not isinstance(info, dict) or not isinstance(info.get("class"), str) \
+                or not isinstance(info.get("dense_kwargs"), dict):
+            raise ValueError(f"'layers.{name}' must have a 'class' name and 'dense_kwargs'")
+        error = info.get("rel_error")
+        if error is not None and (isinstance(error, bool) or not isinstance(error, (int, float))):
+            raise ValueError(f"'layers.{name}.rel_error' must be a number or null, got {error!r}")
+    plan = Plan.from_dict(parsed["plan"])
+    missing = [e.name for e in plan.factorized() if e.name not in layers]
+    if missing:
+        raise ValueError(f"'layers' has no record of the factorized layer {missing[0]!r}")
     return {"format_version": version, "tdnn_version": meta["tdnn_version"],
-            "torch_version": meta.get("torch_version"), "plan": Plan.from_dict(json.loads(meta["plan"])),
-            "layers": json.loads(meta["layers"]), "aliases": json.loads(meta["aliases"])}
+            "torch_version": meta.get("torch_version"), "plan": plan, "layers": layers, "aliases": aliases}
 
 
 def _replacement(entry: LayerPlan, module: nn.Module | None, saved: Mapping[str, Any]) -> Factorized | None:
@@ -277,6 +312,9 @@ def load(path: PathLike, model: nn.Module, *, assign: bool = False) -> nn.Module
         ValueError: if ``path`` is not a tdnn checkpoint, or naming the first layer where the plan
             or the weights do not match ``model``.
     """
+    if not assign and any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        raise ValueError(f"{type(model).__name__} has tensors on the meta device, which loading would leave "
+                         f"empty: pass assign=True to load the checkpoint's tensors into it")
     header = read_header(path)
     state = load_file(os.fspath(path), device="cpu")
     if assign:
@@ -285,6 +323,11 @@ def load(path: PathLike, model: nn.Module, *, assign: bool = False) -> nn.Module
         state = {key: value.clone() for key, value in state.items()}
     for alias, stored in header["aliases"].items():
         state[alias] = state[stored]
-    model = _apply(model, header["plan"], header["layers"], state)
+    try:
+        model = _apply(model, header["plan"], header["layers"], state)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    ties = list(walk.shared_parameters(model).values())
     model.load_state_dict(state, strict=True, assign=assign)
+    walk.tie(model, ties)  # assign=True gives every name its own Parameter: tie them again
     return model

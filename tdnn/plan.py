@@ -54,9 +54,49 @@ class Plan:
         return {"layers": [asdict(layer) for layer in self.layers]}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Plan:
-        layers = []
-        for entry in data["layers"]:
-            rank = entry.get("rank")
-            layers.append(LayerPlan(**{**entry, "rank": tuple(rank) if isinstance(rank, list) else rank}))
-        return cls(layers)
+    def from_dict(cls, data: Any) -> Plan:
+        """The plan written by :meth:`to_dict` (e.g. read back from JSON), every field checked.
+
+        Raises:
+            ValueError: naming the first field (``'plan.layers[3].rank'``) that is missing or wrong.
+        """
+        if not isinstance(data, dict) or "layers" not in data:
+            raise ValueError("'plan': a plan is a mapping with a 'layers' list")
+        if not isinstance(data["layers"], list):
+            raise ValueError(f"'plan.layers' must be a list, got {type(data['layers']).__name__}")
+        return cls([_entry(entry, f"plan.layers[{i}]") for i, entry in enumerate(data["layers"])])
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# LayerPlan field -> (check, what it must be)
+_FIELDS = {
+    "name": (lambda v: isinstance(v, str), "text"),
+    "kind": (lambda v: isinstance(v, str), "text"),
+    "method": (lambda v: v is None or isinstance(v, str), "text or null"),
+    "rank": (lambda v: v is None or _is_int(v) or (isinstance(v, (list, tuple)) and v and all(map(_is_int, v))),
+             "an int, a list of ints or null"),
+    "reason": (lambda v: v is None or isinstance(v, str), "text or null"),
+    "data_aware": (lambda v: isinstance(v, bool), "true or false"),
+    "latency_ratio": (lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)),
+                      "a number or null"),
+}
+
+
+def _entry(entry: Any, where: str) -> LayerPlan:
+    if not isinstance(entry, dict):
+        raise ValueError(f"'{where}' must be a mapping, got {type(entry).__name__}")
+    unknown = sorted(set(entry) - _FIELDS.keys())
+    if unknown:
+        raise ValueError(f"'{where}' has the unknown field {unknown[0]!r}")
+    for key in ("name", "kind"):
+        if key not in entry:
+            raise ValueError(f"'{where}.{key}' is missing")
+    for key, value in entry.items():
+        check, what = _FIELDS[key]
+        if not check(value):
+            raise ValueError(f"'{where}.{key}' must be {what}, got {value!r}")
+    rank = entry.get("rank")
+    return LayerPlan(**{**entry, "rank": tuple(rank) if isinstance(rank, (list, tuple)) else rank})

@@ -184,7 +184,11 @@ class RankRule:
         if self._default is not None:
             return self._default
         if self._fn is not None:
-            return as_spec(self._fn(name, module), f"ranks({name!r})")
+            try:
+                value = self._fn(name, module)
+            except Exception as err:
+                raise ValueError(f"{name}: the ranks callable raised {type(err).__name__}: {err}") from err
+            return as_spec(value, f"ranks({name!r})")
         if name in self._exact:
             self._used.add(name)
             return self._exact[name]

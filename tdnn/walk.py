@@ -43,6 +43,25 @@ def named_layers(model: nn.Module, match: Callable[[nn.Module], bool] = registry
     yield from visit("", model)
 
 
+def shared_parameters(model: nn.Module) -> dict[int, list[str]]:
+    """Parameter id -> its qualified names (``"head.weight"``), for parameters held by several
+    modules (tied weights, e.g. an LLM's output layer sharing the embedding)."""
+    names: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules():
+        for attr, param in module.named_parameters(recurse=False):
+            names.setdefault(id(param), []).append(f"{module_name}.{attr}" if module_name else attr)
+    return {key: group for key, group in names.items() if len(group) > 1}
+
+
+def tie(model: nn.Module, groups: list[list[str]]) -> None:
+    """Make each group of qualified parameter names one Parameter again: the first's."""
+    for names in groups:
+        param = model.get_parameter(names[0])
+        for name in names[1:]:
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, param)
+
+
 # Forward and backward hooks act on a layer's inputs and outputs, which a replacement keeps.
 _HOOK_ATTRS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
                "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_pre_hooks",

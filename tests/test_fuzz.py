@@ -8,7 +8,6 @@ raises ``ValueError``/``TypeError``. The input model is never modified.
 """
 
 import math
-import time
 import warnings
 
 import pytest
@@ -19,6 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import tdnn
+from tdnn.report import checkpoint_report
 
 FUZZ = settings(max_examples=200, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -191,16 +191,140 @@ def _input_shape(model, name, x):
 
 
 def test_fuzz_compress_model():
-    """Run the property over 200 derandomized examples; check the count, the mix and the time."""
+    """Run the property over 200 derandomized examples; check the count and the mix (not the time:
+    the suite runs on busy machines)."""
     FUZZ_STATS.update(examples=0, compressed=0, refused=0, layers=0)
-    start = time.perf_counter()
     fuzz_compress_model()
-    elapsed = time.perf_counter() - start
-    print(f"fuzz: {FUZZ_STATS} in {elapsed:.1f}s")
+    print(f"fuzz: {FUZZ_STATS}")
     assert FUZZ_STATS["examples"] >= 200
     # both outcomes are exercised, and plenty of layers really were factorized
     assert FUZZ_STATS["compressed"] >= 50 and FUZZ_STATS["refused"] >= 50 and FUZZ_STATS["layers"] >= 50
-    assert elapsed < 60
+
+
+# -- hostile calibration data ------------------------------------------------------------------
+
+def calib_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+
+
+@st.composite
+def calibration_data(draw):
+    """Good batches, or batches with NaN/Inf, wrong shapes or dtypes, odd containers."""
+    n = draw(st.integers(0, 3))
+    batches = []
+    for _ in range(n):
+        shape = draw(st.sampled_from([(4, 3, 6, 6), (3, 6, 6), (4, 4, 6, 6), (4, 3, 5, 5), (4, 108), (2, 3, 6, 6)]))
+        x = torch.randn(shape)
+        if draw(st.integers(0, 4)) == 0:
+            x.view(-1)[draw(st.integers(0, x.numel() - 1))] = draw(st.sampled_from([float("nan"), float("inf")]))
+        form = draw(st.sampled_from(["tensor", "tensor", "tuple", "pair", "dict", "int", "half"]))
+        batches.append({"tensor": x, "tuple": (x,), "pair": (x, torch.zeros(shape[0], dtype=torch.long)),
+                        "dict": {"input": x}, "int": 3, "half": x.half()}[form])
+    container = draw(st.sampled_from(["list", "tuple", "generator", "single"]))
+    if container == "single":
+        return torch.randn(4, 3, 6, 6)
+    if container == "generator":
+        return (b for b in batches)
+    return batches if container == "list" else tuple(batches)
+
+
+FUZZ_CALIB = settings(max_examples=120, deadline=None, derandomize=True,
+                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@FUZZ_CALIB
+@given(calibration_data(), st.sampled_from([0.5, "energy:0.9"]), st.sampled_from(["auto", "svd", "cp"]),
+       st.booleans())
+def test_fuzz_calibration_data(data, ranks, method, sequential):
+    """Calibration data compresses to a finite, data-aware model or is refused with a clear
+    ValueError/TypeError; the input model is never modified."""
+    model = calib_net()
+    snap = snapshot(model)
+    try:
+        small = tdnn.compress_model(model, ranks=ranks, method=method, calibration=data, sequential=sequential)
+    except (ValueError, TypeError) as err:
+        assert str(err) and type(err).__module__ == "builtins"
+        assert unchanged(model, snap)
+        return
+    assert unchanged(model, snap)
+    assert all(torch.isfinite(p).all() for p in small.parameters())
+    assert all(e.data_aware for e in small.tdnn_plan.factorized())
+
+
+# -- hostile checkpoint headers ----------------------------------------------------------------
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-3, 10 ** 12) | st.floats(allow_nan=False)
+                           | st.text(max_size=6),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                                                      max_size=3), max_leaves=6)
+
+
+@st.composite
+def header_damage(draw):
+    """One change to a checkpoint's metadata: a key dropped, a value replaced by text or by JSON
+    of another shape, or one field deep inside the plan or layer records replaced."""
+    key = draw(st.sampled_from(["format_version", "tdnn_version", "plan", "layers", "aliases"]))
+    how = draw(st.sampled_from(["drop", "text", "json", "plan_field", "layer_field"]))
+    value = draw(JSON_VALUES)
+    field = draw(st.sampled_from(["name", "kind", "method", "rank", "reason", "data_aware", "latency_ratio",
+                                  "bogus", "class", "dense_kwargs", "rel_error"]))
+    return key, how, value, field, draw(st.text(max_size=8))
+
+
+@pytest.fixture(scope="module")
+def saved_bytes(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fuzz") / "m.safetensors"
+    torch.manual_seed(0)
+    tdnn.save(tdnn.compress_model(calib_net(), ranks=0.5).eval(), path)
+    return path
+
+
+FUZZ_HEADER = settings(max_examples=150, deadline=None, derandomize=True,
+                       suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@FUZZ_HEADER
+@given(damage=header_damage())
+def test_fuzz_checkpoint_headers(saved_bytes, tmp_path_factory, damage):
+    """A damaged header loads to the very model that was saved, or is refused with a ValueError
+    naming the file; never a KeyError, AttributeError or a crash in repr or the report."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    key, how, value, field, text = damage
+    with safe_open(str(saved_bytes), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    if how == "drop":
+        meta.pop(key)
+    elif how == "text":
+        meta[key] = text
+    elif how == "json":
+        meta[key] = json.dumps(value)
+    elif how == "plan_field":
+        plan = json.loads(meta["plan"])
+        plan["layers"][0][field] = value
+        meta["plan"] = json.dumps(plan)
+    else:
+        layers = json.loads(meta["layers"])
+        next(iter(layers.values()))[field] = value
+        meta["layers"] = json.dumps(layers)
+    path = tmp_path_factory.mktemp("damaged") / "m.safetensors"
+    save_file(tensors, str(path), metadata=meta)
+    x = torch.randn(2, 3, 6, 6)
+    try:
+        loaded = tdnn.load(path, calib_net()).eval()
+        repr(loaded)
+        str(tdnn.report(loaded))
+        str(checkpoint_report(path))
+    except ValueError as err:
+        assert str(err).startswith(f"{path}: ") or str(path) in str(err), err
+        return
+    reference = tdnn.load(saved_bytes, calib_net()).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), reference(x))
 
 
 # -- hostile models ----------------------------------------------------------------------------

@@ -97,7 +97,8 @@ class Checkpointer:
         try:
             state = torch.load(self.path, map_location=device, weights_only=True)
         except Exception as err:  # torch raises many types for a torn or foreign file
-            raise _fail(self.path, f"cannot be read as a checkpoint ({type(err).__name__}: {err})") from None
+            first = (str(err).strip().splitlines() or [""])[0]
+            raise _fail(self.path, f"cannot be read as a checkpoint ({type(err).__name__}: {first})") from None
         keys = {"format", "settings", "model", "optimizer", "scheduler", "scaler", "step", "epoch", "in_epoch",
                 "losses", "evals", "rng", "epoch_rng"}
         if not isinstance(state, dict) or state.get("format") != FORMAT:

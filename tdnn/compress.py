@@ -205,15 +205,19 @@ def compress_model(model: nn.Module, ranks: Any = None, *, method: str = "auto",
             ``"tucker2"`` or ``"cp"``. Linear and 1×1 layers always use SVD.
         filter_fn: ``(module, name) -> bool``; layers for which it returns ``False`` stay dense.
         inplace: modify ``model`` itself instead of a deep copy.
-        calibration: an iterable of model inputs (tensors, tuples of arguments or dicts of
-            keyword arguments) for data-aware factors; a few hundred samples are plenty.
+        calibration: an iterable of batches of model inputs for data-aware factors: a batch is a
+            tensor (``model(x)``), a tuple of arguments (``model(*batch)``) or a dict of keyword
+            arguments (``model(**batch)``); for a DataLoader of ``(inputs, labels)`` give
+            ``(x for x, _ in loader)``. A few hundred samples are plenty. Batches holding NaN or
+            Inf are refused.
         sequential: calibrate each layer on the outputs of the already-compressed layers before
             it, fitting it to what the original layer computed on the original inputs (one pass
             of both models over the calibration data per layer), so errors do not compound.
         budget: a :class:`tdnn.Budget` for the whole model instead of ``ranks``: ranks are
             allocated across layers to meet it while minimising the estimated output error.
-        damping: relative damping of the input covariance (keeps whitening stable and the
-            factors close to the weights in directions the calibration data never visits).
+        damping: relative damping of the input covariance, a finite number >= 0 (keeps whitening
+            stable and the factors close to the weights in directions the calibration data never
+            visits; 0 still keeps a ridge of 1e-9 of the mean eigenvalue, so dead units stay finite).
         latency_aware: time each factorized layer against its dense original on the current
             device (interleaved runs, input size from the first calibration batch, convolutions
             each in its faster memory layout, see :func:`tdnn.latency.latency_ratio`) and keep

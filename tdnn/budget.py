@@ -20,23 +20,29 @@ LEVELS = 128  # candidate ranks per layer; steps of <1% of a layer keep the tota
 class Budget:
     """The fraction of the whole model's parameters or FLOPs to keep.
 
-    Ranks are allocated across layers to meet the total while minimising the summed estimated
-    relative output error of the layers (from their whitened spectra when calibration data is
-    given), so compressible layers give up more than sensitive ones. A layer may also stay dense.
+    Ranks are allocated across layers to meet the total while minimising the summed estimated cost
+    of the layers' errors, so compressible layers give up more than sensitive ones; a layer may
+    also stay dense. With calibration data a layer's error is the spectral energy its truncation
+    discards from the whitened weight (its output error on the data), weighted by how much an
+    error there costs at the model's output (:mod:`tdnn.sensitivity`: one backward pass per
+    batch); without, the relative weight error.
 
     Args:
         params: fraction of the model's parameters to keep, in ``(0, 1]``.
         flops: fraction of the model's FLOPs to keep, in ``(0, 1]`` (needs calibration data,
             which fixes the input size).
+        sensitivity: weigh each layer's output error by its measured effect on the model's output
+            (with calibration data); ``False`` weighs every layer's relative error alike.
 
     Example:
         >>> import tdnn
         >>> tdnn.Budget(params=0.5)
-        Budget(params=0.5, flops=None)
+        Budget(params=0.5, flops=None, sensitivity=True)
     """
 
     params: float | None = None
     flops: float | None = None
+    sensitivity: bool = True
 
     def __post_init__(self) -> None:
         given = [(k, v) for k, v in (("params", self.params), ("flops", self.flops)) if v is not None]
@@ -45,6 +51,8 @@ class Budget:
         key, value = given[0]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < value <= 1.0):
             raise ValueError(f"Budget: {key}={value!r} must be a fraction in (0, 1]")
+        if not isinstance(self.sensitivity, bool):
+            raise ValueError(f"Budget: sensitivity={self.sensitivity!r} must be true or false")
 
     @property
     def measure(self) -> str:
@@ -56,13 +64,13 @@ class Budget:
 
 
 # A layer offered to the budget: the dense module, its factorized class, the spectra of its
-# (whitened) unfoldings, and its input shape (for FLOPs).
-Offer = tuple[nn.Module, type[Factorized], list[torch.Tensor], "tuple[int, ...] | None"]
+# (whitened) unfoldings, its input shape (for FLOPs), and the weight of its relative error.
+Offer = tuple[nn.Module, type[Factorized], list[torch.Tensor], "tuple[int, ...] | None", float]
 
 
 def _options(offer: Offer, measure: str, multiple: int) -> list[tuple[int, float, Any]]:
     """``(cost, estimated error, rank)`` for a subsample of ranks, cheapest first; ``None`` = dense."""
-    layer, cls, spectra, input_shape = offer
+    layer, cls, spectra, input_shape, weight = offer
     levels = rank_levels(cls, layer, multiple)
     step = max(1, len(levels) // LEVELS)
     picks = levels[::step] if levels[-1] in levels[::step] else [*levels[::step], levels[-1]]
@@ -71,7 +79,7 @@ def _options(offer: Offer, measure: str, multiple: int) -> list[tuple[int, float
     for rank in picks:
         cost = layer_cost(measure, layer, cls, rank, input_shape)
         if cost < dense:
-            options.append((cost, cls.estimate_error(spectra, rank), rank))
+            options.append((cost, weight * cls.estimate_error(spectra, rank), rank))
     options.append((dense, 0.0, None))
     return options
 
@@ -85,7 +93,7 @@ def allocate(offers: list[Offer], budget: Budget, *, total: int, fixed: int, mul
     is left on upgrades that cost more but err no more, so the total lands on the target.
 
     Args:
-        offers: the layers to allocate, as ``(module, class, spectra, input shape)``.
+        offers: the layers to allocate, as ``(module, class, spectra, input shape, weight)``.
         budget: the target.
         total: the dense model's cost (parameters or FLOPs).
         fixed: the cost of everything that is not offered.

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import collections
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,11 +52,12 @@ class InputStats:
             raise ValueError("no calibration data reached this layer")
         return self.gram / self.count
 
-    def update(self, module: nn.Module, x: torch.Tensor, reference: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, int]:
-        """Add a batch ``x``; ``reference`` holds the same rows as seen by the reference model.
+    def update(self, module: nn.Module, x: torch.Tensor, reference: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+        """Add a batch ``x``; ``reference`` holds the same rows as seen by the reference model, and
+        ``mask`` (batch, tokens) the tokens to count (padding is left out).
         Returns this batch's ``(Σ x xᵀ, count)``, for layers reading the same input (:meth:`add`)."""
-        vectors = registry.kind_of(module).vectors(module, x.detach(), self.geometry).to(torch.float64)
+        vectors = rows(module, x, self.geometry, mask)
         term = vectors.T @ vectors
         if reference is not None:
             self.cross = _add(self.cross, reference.T @ vectors)
@@ -75,6 +76,16 @@ class InputStats:
         return None if self.cross is None else self.cross / self.count
 
 
+def rows(module: nn.Module, x: torch.Tensor, geometry: str, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The float64 vectors ``module``'s weight multiplies in ``x``; with a (batch, tokens) ``mask``
+    of a matrix layer's (batch, tokens, features) input, only the tokens it keeps."""
+    kind = registry.kind_of(module)
+    x = x.detach()
+    if mask is not None and not kind.spatial and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        x = x[mask.to(x.device)]
+    return kind.vectors(module, x, geometry).to(torch.float64)
+
+
 def _add(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
     return term.cpu() if total is None else total + term.cpu()
 
@@ -86,6 +97,7 @@ class _Tracker:
     stats: dict[str, InputStats]
     modules: dict[str, nn.Module]
     outputs: dict[str, Any] = field(default_factory=dict)  # name -> weakref to the latest output
+    mask: torch.Tensor | None = None  # this batch's tokens to count
     # vectors key -> (weakref to an input, its version, Σ x xᵀ, count), this batch:
     # layers reading the very same tensor the same way (Q, K, V) compute the product once
     terms: dict[tuple, tuple[Any, int, torch.Tensor, int]] = field(default_factory=dict)
@@ -105,14 +117,14 @@ class _Tracker:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             x, stats = args[0], self.stats[name]
             if x.is_inference():  # no version counter: cannot tell an in-place change, so no sharing
-                stats.update(module, x)
+                stats.update(module, x, mask=self.mask)
                 return
             key = registry.kind_of(module).vectors_key(module, stats.geometry)
             seen = self.terms.get(key)
             if seen is not None and seen[0]() is x and seen[1] == x._version:
                 stats.add(x, *seen[2:])
             else:
-                self.terms[key] = (weakref.ref(x), x._version, *stats.update(module, x))
+                self.terms[key] = (weakref.ref(x), x._version, *stats.update(module, x, mask=self.mask))
         return hook
 
     def _post(self, name: str):
@@ -156,39 +168,45 @@ def batch_list(calibration: Iterable[Any]) -> list[Any]:
 
 
 @torch.no_grad()
-def collect(model: nn.Module, batches: Iterable[Any], layers: dict[str, tuple[nn.Module, str]],
-            *, progress: bool = False) -> dict[str, InputStats]:
+def collect(model: nn.Module, batches: Sequence[Any], layers: dict[str, tuple[nn.Module, str]], *,
+            runner: Runner | None = None, masks: Sequence[torch.Tensor | None] | None = None,
+            progress: bool = False) -> dict[str, InputStats]:
     """Run ``model`` over ``batches`` (in eval mode) and return input statistics per layer.
 
     Args:
         model: the model to run (its train/eval flags are restored afterwards).
-        batches: iterable of model inputs: tensors, tuples of arguments, or dicts of keyword
-            arguments; a ``(inputs, labels)`` pair from a DataLoader passes both to the model, so
-            give inputs only.
+        batches: model inputs: tensors, tuples of arguments, or dicts of keyword arguments.
         layers: ``name -> (module, geometry)`` with geometry ``"patches"`` or ``"channels"``.
+        runner: ``(index, batch) -> output`` to run instead of ``model(batch)`` (e.g. one block
+            on its cached inputs); the hooks sit on ``layers`` either way.
+        masks: per batch, the (batch, tokens) mask of tokens to count, or ``None``.
         progress: show a tqdm bar.
 
     Raises:
-        ValueError: if no batch was given or a layer never saw an input.
+        ValueError: if no batch was given, a layer never saw an input or saw NaN or Inf.
     """
     tracker = _Tracker({name: InputStats(geometry) for name, (_, geometry) in layers.items()},
                        {name: module for name, (module, _) in layers.items()})
-    n = 0
+    runner = runner or (lambda i, batch: run(model, batch, i))
     with temporary.hooks(tracker.attach(model)), temporary.modes({model: False}):
-        for batch in tqdm(batches, desc="calibrating", disable=not progress, leave=False):
+        for i, batch in enumerate(tqdm(batches, desc="calibrating", disable=not progress, leave=False)):
             tracker.outputs.clear()
-            run(model, batch, n)
+            tracker.mask = masks[i] if masks else None
+            runner(i, batch)
             tracker.terms.clear()
-            n += 1
-    if n == 0:
+    if not batches:
         raise ValueError("calibration: no batches given")
-    for name, stats in tracker.stats.items():
-        if stats.count == 0:
+    return _checked(tracker.stats)
+
+
+def _checked(stats: dict[str, InputStats]) -> dict[str, InputStats]:
+    for name, s in stats.items():
+        if s.count == 0:
             raise ValueError(f"{name}: calibration data never reached this layer")
-        if not torch.isfinite(stats.gram).all():
+        if not torch.isfinite(s.gram).all():
             raise ValueError(f"{name}: calibration inputs of this layer hold NaN or Inf values (an overflow "
                              f"in the layers before it?)")
-    return tracker.stats
+    return stats
 
 
 def run(model: nn.Module, batch: Any, index: int) -> Any:
@@ -203,25 +221,36 @@ def run(model: nn.Module, batch: Any, index: int) -> Any:
 
 
 @torch.no_grad()
-def collect_cross(model: nn.Module, module: nn.Module, reference: nn.Module, ref_module: nn.Module,
-                  batches: Iterable[Any], geometry: str) -> InputStats:
-    """Input statistics of ``module`` in ``model`` together with their cross moment with the inputs
-    of ``ref_module`` in ``reference`` (the uncompressed model) on the same batches."""
-    stats, seen = InputStats(geometry), collections.deque()  # a layer may run several times per batch
+def collect_pairs(model: nn.Module, reference: nn.Module, n: int, layers: dict[str, tuple[nn.Module, nn.Module, str]],
+                  runner: Runner, *, masks: Sequence[torch.Tensor | None] | None = None) -> dict[str, InputStats]:
+    """Input statistics of layers of ``model`` with their cross moments with the inputs of the same
+    layers of ``reference`` (the uncompressed original) on the same data: ``runner(i, reference)``
+    then ``runner(i, model)`` run batch ``i`` of ``n`` through each.
 
-    def remember(m: nn.Module, args: tuple[Any, ...]) -> None:
-        seen.append(registry.kind_of(m).vectors(m, args[0].detach(), geometry).to(torch.float64))
+    Args:
+        layers: ``name -> (module in model, module in reference, geometry)``.
+    """
+    stats = {name: InputStats(geometry) for name, (_, _, geometry) in layers.items()}
+    seen = {name: collections.deque() for name in layers}  # a layer may run several times per batch
+    mask: list[torch.Tensor | None] = [None]
+    handles = []
+    for name, (module, ref_module, geometry) in layers.items():
+        def remember(m: nn.Module, args: tuple[Any, ...], name: str = name, geometry: str = geometry) -> None:
+            seen[name].append(rows(m, args[0], geometry, mask[0]))
 
-    def accumulate(m: nn.Module, args: tuple[Any, ...]) -> None:
-        stats.update(m, args[0], seen.popleft())
+        def accumulate(m: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
+            stats[name].update(m, args[0], seen[name].popleft(), mask=mask[0])
 
-    handles = [ref_module.register_forward_pre_hook(remember), module.register_forward_pre_hook(accumulate)]
+        handles += [ref_module.register_forward_pre_hook(remember), module.register_forward_pre_hook(accumulate)]
     with temporary.hooks(handles), temporary.modes({reference: False, model: False}):
-        for batch in batches:
-            call(reference, batch)
-            call(model, batch)
-    return stats
+        for i in range(n):
+            mask[0] = masks[i] if masks else None
+            runner(i, reference)
+            runner(i, model)
+    return _checked(stats)
 
+
+Runner = Callable[[int, Any], Any]  # (batch index, batch or module) -> output
 
 MIN_DAMPING = 1e-9  # the ridge damping=0 gets, relative to the mean eigenvalue
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tdnn import calibrate, registry, walk
+from tdnn import blockwise, calibrate, registry, walk
 from tdnn.budget import Budget, allocate
 from tdnn.calibrate import Whitening
 from tdnn.cost import layer_cost, model_flops
@@ -21,6 +21,7 @@ from tdnn.latency import LatencyTimer, latency_ratio
 from tdnn.layers import Factorized
 from tdnn.plan import PLAN_ATTR, LayerPlan, Plan
 from tdnn.ranks import NO_ENTRY, VBMF, Energy, RankRule, dense_param_count, rank_for_ratio, rank_from_spectra
+from tdnn.sensitivity import fisher_weights
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -57,7 +58,8 @@ class _Job:
     entry: LayerPlan
     cls: type[Factorized] | None = None
     rank_spec: Any = None  # None under a budget
-    whitening: Whitening | None = None
+    spectra: list[torch.Tensor] | None = None  # of the whitened weight, from a survey of the data
+    input_shape: tuple[int, ...] | None = None
 
 
 def _select(name: str, module: nn.Module, parent: nn.Module | None, rule: RankRule | None,
@@ -98,8 +100,9 @@ def _rank(layer: _Job, multiple: int) -> Any:
         return rank_for_ratio(cls, module, spec, multiple)
     if isinstance(spec, (Energy, VBMF)):
         # Energy follows the whitened spectrum (output energy); VBMF models the weight's own noise.
-        whitening = layer.whitening if isinstance(spec, Energy) else None
-        return rank_from_spectra(cls, module, spec, cls.spectra(module, whitening, name=name), name)
+        spectra = layer.spectra if isinstance(spec, Energy) and layer.spectra is not None else \
+            cls.spectra(module, name=name)
+        return rank_from_spectra(cls, module, spec, spectra, name)
     return cls.check_rank(module, spec, name)
 
 
@@ -112,45 +115,30 @@ def _accept(layer: _Job, rank: Any) -> None:
         layer.cls = None
     else:
         layer.entry.method, layer.entry.rank = layer.cls.method, rank
-        layer.entry.data_aware = layer.whitening is not None
 
 
-def _whiten(model: nn.Module, layers: list[_Job], batches: list[Any], damping: float,
-            progress: bool) -> dict[str, calibrate.InputStats]:
-    stats = calibrate.collect(model, batches, {l.name: (l.module, l.cls.geometry) for l in layers},
-                              progress=progress)
-    whitening = calibrate.whitenings(stats, damping)
-    for l in layers:
-        l.whitening = whitening[l.name]
-    return stats
-
-
-def _allocate(model: nn.Module, layers: list[_Job], budget: Budget,
-              stats: dict[str, calibrate.InputStats], batches: list[Any] | None, multiple: int) -> None:
+def _allocate(model: nn.Module, layers: list[_Job], budget: Budget, batches: list[Any] | None,
+              multiple: int) -> None:
     if budget.measure == "flops" and batches is None:
         raise ValueError("Budget(flops=...) needs calibration data: FLOPs depend on the input size")
-    shapes = [stats[l.name].input_shape if stats else None for l in layers]
+    weights = {l.name: 1.0 for l in layers}
+    if batches is not None and budget.sensitivity:
+        fisher = fisher_weights(model, batches, {l.name: l.module for l in layers})
+        # cost of an error = Fisher weight × its whitened energy (estimate_error is relative)
+        weights = {l.name: fisher[l.name] * float(l.spectra[0].square().sum()) for l in layers}
     if budget.measure == "params":
         total = sum(p.numel() for p in model.parameters())
     else:
         total = model_flops(model, batches[0])
+    shapes = [l.input_shape for l in layers]
     fixed = total - sum(layer_cost(budget.measure, l.module, input_shape=shape) for l, shape in zip(layers, shapes))
-    offers = [(l.module, l.cls, l.cls.spectra(l.module, l.whitening, name=l.name), shape)
-              for l, shape in zip(layers, shapes)]
+    offers = [(l.module, l.cls, l.spectra if l.spectra is not None else l.cls.spectra(l.module, name=l.name),
+               l.input_shape, weights[l.name]) for l in layers]
     for l, rank in zip(layers, allocate(offers, budget, total=total, fixed=fixed, multiple=multiple)):
         if rank is None:
             l.entry.reason, l.cls = "the budget keeps this layer dense", None
         else:
             _accept(l, rank)
-
-
-def _refit(model: nn.Module, reference: nn.Module, layer: _Job, batches: list[Any], damping: float,
-           out_scale: torch.Tensor | None) -> None:
-    """Sequential mode: whiten ``layer`` by the inputs it gets behind the already-compressed
-    layers, aiming at the original layer's outputs on the original inputs."""
-    stats = calibrate.collect_cross(model, layer.module, reference, reference.get_submodule(layer.name),
-                                    batches, layer.cls.geometry)
-    layer.whitening = Whitening(stats.cov, out_scale, damping=damping, cross=stats.cross_cov)
 
 
 def _timer(latency_aware: bool | LatencyTimer, calibration: Iterable[Any] | None) -> LatencyTimer | None:
@@ -175,10 +163,87 @@ def _faster(layer: _Job, new: Factorized, timer: LatencyTimer, input_shape: tupl
     return False
 
 
+class _Swapper:
+    """Puts factorized layers in place (the one mutation), remembering how to undo it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.done = model, {}
+
+    def __call__(self, old: nn.Module, new: nn.Module) -> nn.Module:
+        self.model = walk.swap(self.model, {id(old): new})
+        self.done[id(new)] = old
+        return self.model
+
+    def undo(self) -> None:
+        walk.swap(self.model, self.done)
+
+
+def _plain(model: nn.Module, chosen: list[_Job], budget: Budget | None, multiple: int, swap: _Swapper,
+           progress: bool) -> None:
+    """Without calibration data: ranks from the weights alone, factors from plain truncation."""
+    if budget is not None:
+        _allocate(model, chosen, budget, None, multiple)
+    else:
+        for l in chosen:
+            _accept(l, _rank(l, multiple))
+    for l in tqdm([l for l in chosen if l.cls is not None], desc="decomposing", disable=not progress, leave=False):
+        swap(l.module, l.cls.from_dense(l.module, l.entry.rank, name=l.name))
+
+
+def _data_aware(model: nn.Module, chosen: list[_Job], batches: list[Any], swap: _Swapper, *,
+                blocks: Any, sequential: bool, budget: Budget | None, damping: float,
+                timer: LatencyTimer | None, multiple: int, progress: bool, reference: nn.Module | None) -> None:
+    """With calibration data, block by block (:mod:`tdnn.blockwise`): a survey of the whitened
+    spectra where ranks depend on them (budget, energy), the ranks, then the factors."""
+    jobs = {l.name: l for l in chosen}
+    ids = {id(l.module) for l in chosen}
+    names = blockwise.find_blocks(model, blocks, lambda m: any(id(x) in ids for x in m.modules()))
+    inside = {b: [n for n in jobs if n == b or n.startswith(b + ".")] for b in names} if names else {"": list(jobs)}
+    glue = [n for n in jobs if not any(n in members for members in inside.values())]
+    masks = [blockwise.batch_mask(b) for b in batches]
+    geometry = {n: l.cls.geometry for n, l in jobs.items()}
+    glue_stats = calibrate.collect(model, batches, {n: (jobs[n].module, geometry[n]) for n in glue},
+                                   masks=masks) if glue else {}
+    chain = blockwise.capture(model, names, batches)
+
+    def run(segments: dict[str, list[str]], factorize: blockwise.Factorize, sequential: bool) -> None:
+        blockwise.BlockCompressor(swap.model, chain, segments, factorize=factorize, swap=swap,
+                                  geometry=geometry.__getitem__, sequential=sequential, reference=reference,
+                                  progress=progress).run()
+        for n in glue:
+            new = factorize(n, glue_stats[n])
+            if new is not None:
+                swap(jobs[n].module, new)
+
+    if budget is not None or any(isinstance(l.rank_spec, Energy) for l in chosen):
+        def survey(name: str, stats: calibrate.InputStats) -> None:
+            l = jobs[name]
+            l.spectra = l.cls.spectra(l.module, Whitening(stats.cov, stats.out_scale, damping=damping), name=name)
+            l.input_shape = stats.input_shape
+
+        run(inside, survey, False)
+    if budget is not None:
+        _allocate(model, chosen, budget, batches, multiple)
+    else:
+        for l in chosen:
+            _accept(l, _rank(l, multiple))
+
+    def factorize(name: str, stats: calibrate.InputStats) -> Factorized | None:
+        l = jobs[name]
+        whitening = Whitening(stats.cov, stats.out_scale, damping=damping, cross=stats.cross_cov)
+        new = l.cls.from_dense(l.module, l.entry.rank, name=name, whitening=whitening)
+        l.entry.data_aware = True
+        return new if timer is None or _faster(l, new, timer, stats.input_shape) else None
+
+    glue[:] = [n for n in glue if jobs[n].cls is not None]
+    run({b: [n for n in members if jobs[n].cls is not None] for b, members in inside.items()}, factorize,
+        sequential)
+
+
 def compress_model(model: nn.Module, ranks: Any = None, *, method: str = "auto",
                    filter_fn: FilterFn | None = None, inplace: bool = False,
                    calibration: Iterable[Any] | None = None, sequential: bool = False,
-                   budget: Budget | None = None, damping: float = 0.01,
+                   blocks: str | list[str] | None = None, budget: Budget | None = None, damping: float = 0.01,
                    latency_aware: bool | LatencyTimer = False, rank_multiple: int = 1,
                    progress: bool = False) -> nn.Module:
     """Replace the ``nn.Linear`` and ``nn.Conv2d`` layers of ``model`` by low-rank factorized ones.
@@ -211,8 +276,14 @@ def compress_model(model: nn.Module, ranks: Any = None, *, method: str = "auto",
             ``(x for x, _ in loader)``. A few hundred samples are plenty. Batches holding NaN or
             Inf are refused.
         sequential: calibrate each layer on the outputs of the already-compressed layers before
-            it, fitting it to what the original layer computed on the original inputs (one pass
-            of both models over the calibration data per layer), so errors do not compound.
+            it, fitting it to what the original layer computed on the original inputs, so errors
+            do not compound. Runs block by block (see ``blocks``): a few passes of one block and
+            a copy of it as the reference, per block.
+        blocks: the modules calibration runs one at a time on cached inputs, each called on the
+            previous one's output: names, a ``"re:"`` pattern or the name of an ``nn.ModuleList``
+            (``"model.layers"``); ``None`` finds the longest ``nn.ModuleList`` of like modules
+            holding layers (a transformer's layers), else treats the whole model as one block;
+            ``[]`` forces the whole model. Layers outside the blocks get one-shot data-aware factors.
         budget: a :class:`tdnn.Budget` for the whole model instead of ``ranks``: ranks are
             allocated across layers to meet it while minimising the estimated output error.
         damping: relative damping of the input covariance, a finite number >= 0 (keeps whitening
@@ -287,30 +358,19 @@ def compress_model(model: nn.Module, ranks: Any = None, *, method: str = "auto",
             l.module = memo[id(l.module)]
     chosen = [l for l in layers if l.cls is not None]
     batches = None if calibration is None else calibrate.batch_list(calibration)
-    stats = _whiten(model, chosen, batches, damping, progress) if batches is not None and chosen else {}
-    if budget is not None:
-        _allocate(model, chosen, budget, stats, batches, rank_multiple)
-    else:
-        for l in chosen:
-            _accept(l, _rank(l, rank_multiple))
-    chosen = [l for l in chosen if l.cls is not None]
-
-    # Sequential mode fits each layer to what the original layer computed on the original inputs.
-    reference = (original if not inplace else copy.deepcopy(model)) if sequential else None
-    swapped: dict[int, nn.Module] = {}  # new module id -> the module it replaced
+    swap = _Swapper(model)
     try:
-        for l in tqdm(chosen, desc="decomposing", disable=not progress, leave=False):
-            if sequential:
-                _refit(model, reference, l, batches, damping, stats[l.name].out_scale)
-            new = l.cls.from_dense(l.module, l.entry.rank, name=l.name, whitening=l.whitening)
-            if timer is not None and not _faster(l, new, timer, stats[l.name].input_shape):
-                continue
-            model = walk.swap(model, {id(l.module): new})
-            swapped[id(new)] = l.module
+        if batches is None or not chosen:
+            _plain(model, chosen, budget, rank_multiple, swap, progress)
+        else:
+            _data_aware(model, chosen, batches, swap, blocks=blocks, sequential=sequential, budget=budget,
+                        damping=damping, timer=timer, multiple=rank_multiple, progress=progress,
+                        reference=None if inplace else original)
     except BaseException:
         if inplace:  # leave the user's model as it was
-            walk.swap(model, swapped)
+            swap.undo()
         raise
+    model = swap.model
 
     plan = Plan([l.entry for l in layers])
     previous = getattr(model, PLAN_ATTR, None)

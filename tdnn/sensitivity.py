@@ -1,0 +1,96 @@
+"""How much each layer's output error costs at the model's output: a Fisher weight per layer.
+
+For a model output ``z`` and a perturbation ``δy`` of layer ``l``'s output, the expected change of
+the output (KL for logits, squared error otherwise) is to second order ``½ δyᵀ F δy`` with ``F``
+the Fisher (Gauss–Newton) matrix of ``y``. Backpropagating one random vector ``ε`` from the output
+per batch, with ``E[ε εᵀ]`` the output metric (``diag(p) − p pᵀ`` for logits: ``ε = onehot(k) − p``
+with ``k ~ p``; the identity otherwise), gives gradients ``g`` at every layer's output with
+``E[g gᵀ] = F``. Read as one number per layer, ``w = Σ g² / out_channels``, the estimated cost of an
+output error of energy ``E`` (per vector, summed over channels) is ``w · E``: what the global budget
+weighs each layer's discarded (whitened) spectral energy by.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tdnn import calibrate, registry, temporary
+from tdnn.blockwise import batch_mask
+
+SEED = 0
+
+
+def output_of(output: Any) -> tuple[torch.Tensor, bool]:
+    """The tensor a model's output is judged by, and whether it holds logits: ``.logits``, a
+    2-D tensor (a classifier) or else the first tensor (e.g. ``last_hidden_state``)."""
+    if hasattr(output, "logits") and isinstance(output.logits, torch.Tensor):
+        return output.logits, True
+    while isinstance(output, (tuple, list)) and output:
+        output = output[0]
+    if hasattr(output, "last_hidden_state"):
+        output = output.last_hidden_state
+    if not isinstance(output, torch.Tensor):
+        raise TypeError(f"cannot find an output tensor in a {type(output).__name__}")
+    return output, output.dim() == 2
+
+
+def _probe(z: torch.Tensor, logits: bool, mask: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+    """The random output direction ε (zero on masked tokens)."""
+    z = z.detach().float()
+    if logits:
+        p = z.softmax(-1)
+        k = torch.multinomial(p.reshape(-1, p.shape[-1]), 1, generator=generator).reshape(p.shape[:-1])
+        eps = F.one_hot(k, p.shape[-1]).to(p.dtype) - p
+    else:
+        eps = torch.randn(z.shape, generator=generator, dtype=z.dtype)
+    if mask is not None and tuple(z.shape[:2]) == tuple(mask.shape):
+        eps = eps * mask.to(eps.dtype).reshape(*mask.shape, *[1] * (eps.dim() - 2))
+    return eps
+
+
+def fisher_weights(model: nn.Module, batches: Sequence[Any], layers: dict[str, nn.Module]) -> dict[str, float]:
+    """The Fisher weight ``w`` (see the module docstring) of each of ``layers`` on ``batches``: one
+    forward and one backward of ``model`` per batch (in eval mode; parameters get no gradients).
+
+    Raises:
+        ValueError: if no layer's output reaches the model's output.
+    """
+    outputs: list[tuple[str, torch.Tensor]] = []
+
+    def keep(name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            if not output.requires_grad:  # nothing upstream needs gradients: start the graph here
+                output = output.detach().requires_grad_()
+            outputs.append((name, output))
+            return output
+        return hook
+
+    total = {name: 0.0 for name in layers}
+    generator = torch.Generator().manual_seed(SEED)
+    handles = [module.register_forward_hook(keep(name)) for name, module in layers.items()]
+    with temporary.hooks(handles), temporary.modes({model: False}), torch.enable_grad():
+        for i, batch in enumerate(batches):
+            outputs.clear()
+            z, logits = output_of(calibrate.run(model, batch, i))
+            if not z.requires_grad:
+                raise ValueError("no layer to compress reaches the model's output")
+            eps = _probe(z, logits, batch_mask(batch), generator).to(z.device)
+            grads = torch.autograd.grad(z, [y for _, y in outputs], grad_outputs=eps.to(z.dtype),
+                                        allow_unused=True)
+            for (name, _), g in zip(outputs, grads):
+                if g is not None:
+                    total[name] += float(g.double().square().sum())
+    weights = {name: value / _out_channels(layers[name]) for name, value in total.items()}
+    # A layer whose output does not reach the judged output (a pooler beside last_hidden_state)
+    # counts as the most sensitive one: nothing says its errors are cheap.
+    top = max(weights.values(), default=0.0)
+    return {name: value if value > 0 else top for name, value in weights.items()}
+
+
+def _out_channels(layer: nn.Module) -> int:
+    return registry.kind_of(layer).kernel(layer).shape[0]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -39,6 +40,7 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF dequantization bar; read when tqdm is imported
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -128,22 +130,18 @@ def evaluate(model: nn.Module, dense: nn.Module, held_out: torch.Tensor) -> dict
     The dense reference is recomputed batch by batch next to the compressed model (each process
     evaluates one model, so this costs the same as caching it and keeps one batch of log-probs,
     4 x 255 x 49152 floats, in memory instead of all of them)."""
-    nll = nll_dense = kl = agree = 0.0
-    count = 0
+    nll = nll_dense = kl = agree = count = 0
     for x in held_out.split(BATCH):
         target = x[:, 1:].unsqueeze(-1)
         ref = log_probs(dense, x)
         out = ref if model is dense else log_probs(model, x)
-        nll += -out.gather(-1, target).sum().item()
-        nll_dense += -ref.gather(-1, target).sum().item()
-        if model is not dense:
-            kl += torch.nn.functional.kl_div(out, ref, reduction="sum", log_target=True).item()
-            agree += (out.argmax(-1) == ref.argmax(-1)).sum().item()
-        else:
-            agree += target.numel()
+        nll -= out.gather(-1, target).sum().item()
+        nll_dense -= ref.gather(-1, target).sum().item()
+        kl += torch.nn.functional.kl_div(out, ref, reduction="sum", log_target=True).item()
+        agree += (out.argmax(-1) == ref.argmax(-1)).sum().item()
         count += target.numel()
-    return dict(ppl=float(torch.tensor(nll / count).exp()), ppl_dense=float(torch.tensor(nll_dense / count).exp()),
-                kl=kl / count, agree=agree / count)
+    return dict(ppl=math.exp(nll / count), ppl_dense=math.exp(nll_dense / count), kl=kl / count,
+                agree=agree / count)
 
 
 def uniform_params(model: nn.Module, keep: float) -> int:
@@ -189,8 +187,7 @@ def run_row(key: str, args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     small = tdnn.compress_model(dense, filter_fn=is_decoder, **kwargs)
     row |= dict(compress_s=time.perf_counter() - start, peak_gib=peak_gib(), params=n_params(small))
-    predicted = uniform_params(dense, 1 - level)
-    if label == "plain" and row["params"] != predicted:
+    if label == "plain" and row["params"] != (predicted := uniform_params(dense, 1 - level)):
         print(f"warning: {key}: {row['params']} parameters, the cost model predicted {predicted}: "
               "the budget rows are matched to the prediction", file=sys.stderr)
     return row | evaluate(small.eval(), dense, held_out)
@@ -206,7 +203,8 @@ def spawn(key: str, args: argparse.Namespace) -> dict[str, Any]:
     level, _, label = key.partition("|")
     row = json.loads(lines[-1]) if done.returncode == 0 and lines else dict(
         level=float(level), label=label, error=f"exit code {done.returncode}")
-    print(f"  {key}: {time.perf_counter() - start:.0f} s wall in all", file=sys.stderr, flush=True)
+    print(f"{table([row]).splitlines()[-1]} {time.perf_counter() - start:.0f} s wall in all",
+          file=sys.stderr, flush=True)
     return row
 
 
@@ -220,7 +218,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             lines.append(f"| {level} | {r['label']} | failed: {r['error']} |" + " |" * (len(head) - 3))
             continue
         compress = "-" if r["compress_s"] is None else f"{r['compress_s']:.1f}"
-        lines.append(f"| {level} | {r['label']} | {r['ppl']:.2f} | {r['ppl'] / r['ppl_dense']:.3f} | "
+        lines.append(f"| {level} | {r['label']} | {r['ppl']:.4g} | {r['ppl'] / r['ppl_dense']:.4g} | "
                      f"{r['kl']:.4f} | {r['agree']:.1%} | {r['params'] / 1e6:.1f}M "
                      f"({r['params'] / r['params_dense']:.3f}) | {compress} | {r['peak_gib']:.2f} | "
                      f"{r['load_s']:.1f} |")

@@ -181,18 +181,18 @@ class _no_cache:
 def groups(block: nn.Module, segment: Segment, x: Hidden, layers: dict[str, nn.Module]) -> list[list[str]]:
     """The block's layers in the order they run on ``x`` (batch 0), those reading the very same
     input tensor together (Q, K and V): one sequential step each."""
-    order: list[tuple[str, int, int]] = []  # (name, id of the input, its version)
+    order: list[tuple[str, torch.Tensor, int]] = []  # (name, its input, the input's version), kept alive
     handles = []
     for name, module in layers.items():
         def hook(m: nn.Module, args: tuple, name: str = name) -> None:
             if all(n != name for n, _, _ in order):
-                order.append((name, id(args[0]), args[0]._version))
+                order.append((name, args[0], args[0]._version))
         handles.append(module.register_forward_pre_hook(hook))
     with temporary.hooks(handles), temporary.modes({block: False}), torch.no_grad():
         segment.run(block, 0, x)
     steps: list[list[str]] = []
-    for i, (name, ident, version) in enumerate(order):
-        if i and (ident, version) == order[i - 1][1:]:
+    for i, (name, seen, version) in enumerate(order):
+        if i and seen is order[i - 1][1] and version == order[i - 1][2]:
             steps[-1].append(name)
         else:
             steps.append([name])

@@ -144,7 +144,8 @@ def _finetune(args: argparse.Namespace) -> None:
     settings = tdnn.FinetuneSettings(**(tdnn.load_config(args.config).finetune if args.config else {}))
     flags = {key: getattr(args, key) for key in ("epochs", "max_steps", "lr", "checkpoint_every")
              if getattr(args, key) is not None}
-    settings = dataclasses.replace(settings, **flags)  # checked again
+    # the evaluation is top-1 accuracy: keep the best epoch unless the config says otherwise
+    settings = dataclasses.replace(settings, **flags, keep_best=settings.keep_best or "max")  # checked again
     data = vision.image_data(args.data, image_size=args.image_size, batch_size=args.batch_size,
                              workers=args.workers)
     classes = args.num_classes or data.num_classes

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from tdnn import distributed as ddp
 from tdnn import temporary
+from tdnn.layers.base import Factorized
 from tdnn.finetune.checkpoint import Checkpointer, rng_state, set_rng_state
 from tdnn.finetune.data import EpochData, global_batch_sizes
 from tdnn.finetune.settings import FinetuneSettings
@@ -52,6 +53,45 @@ class FinetuneResult:
     losses: list[float] = field(default_factory=list)
     evals: list[Any] = field(default_factory=list)
     resumed_from: int | None = None
+    best_epoch: int | None = None
+    best_eval: Any = None
+
+
+class _Best:
+    """The best weights by ``eval_fn`` so far (epoch 0: before training), to restore at the end."""
+
+    def __init__(self, direction: str | None, group: ddp.Group) -> None:
+        self.direction, self.group = direction, group
+        self.epoch: int | None = None
+        self.value: float | None = None
+        self.weights: dict[str, torch.Tensor] | None = None
+
+    def consider(self, value: Any, epoch: int, model: nn.Module) -> None:
+        if self.direction is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise TypeError(f"keep_best={self.direction!r} needs eval_fn to return a number, got {value!r}; "
+                            f"return one, or pass keep_best=None")
+        if self.group.world > 1:  # every process keeps the same weights: rank 0's verdict
+            shared = [value]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            value = shared[0]
+        better = self.value is None or (value > self.value if self.direction == "max" else value < self.value)
+        if better:
+            self.epoch, self.value = epoch, float(value)
+            self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return None if self.weights is None else {"epoch": self.epoch, "value": self.value, "model": self.weights}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if state is not None:
+            self.epoch, self.value, self.weights = state["epoch"], state["value"], state["model"]
+
+    def restore(self, model: nn.Module, result: FinetuneResult) -> None:
+        if self.weights is not None:
+            model.load_state_dict(self.weights)
+            result.best_epoch, result.best_eval = self.epoch, self.value
 
 
 class _Run:
@@ -61,6 +101,7 @@ class _Run:
                  *, device: Any, distributed: bool | None, checkpoint_dir: Any, resume: bool) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        settings = settings.resolved(teacher=teacher is not None)
         if settings.alpha is not None and settings.alpha > 0 and teacher is None:
             raise ValueError(f"alpha={settings.alpha} weights a distillation loss, which needs a teacher")
         if settings.checkpoint_every is not None and checkpoint_dir is None:
@@ -81,6 +122,12 @@ class _Run:
         total = settings.epochs * self.per_epoch if self.per_epoch is not None else settings.max_steps
         self.total = min(total, settings.max_steps or total)
         self.model, self.teacher, self.settings, self.device = model.to(device), teacher, settings, device
+        # trainable="factorized": everything else frozen for the run (restored at the end)
+        factors = {id(p) for m in model.modules() if isinstance(m, Factorized) for p in m.parameters()}
+        self.frozen = [p for p in model.parameters()
+                       if settings.trainable == "factorized" and p.requires_grad and id(p) not in factors]
+        for p in self.frozen:
+            p.requires_grad_(False)
         net = model if self.group.world == 1 else nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
         self.step = TrainStep(net, teacher.to(device) if teacher is not None else None, settings,
@@ -88,6 +135,7 @@ class _Run:
         self.record = {**settings.describe(), "amp": amp, "teacher": teacher is not None, **self.data.describe()}
         self.checkpoints = Checkpointer(checkpoint_dir, self.group)
         self.result, self.in_epoch, self.saved_at = FinetuneResult(), 0, None
+        self.best = _Best(settings.keep_best, self.group)
         self.rng_at = {"epoch": None, "step": None}  # states to restore on resume, see epoch()
         self.epoch_rng: dict[str, Any] | None = None  # the RNG state at the current epoch's start
         if resume:
@@ -105,6 +153,7 @@ class _Run:
         self.result = FinetuneResult(state["step"], state["epoch"], list(state["losses"]), list(state["evals"]),
                                      resumed_from=state["step"])
         self.in_epoch, self.saved_at = state["in_epoch"], state["step"]
+        self.best.load_state_dict(state.get("best"))
         rank = self.group.rank
         self.rng_at = {"epoch": state["epoch_rng"][rank], "step": state["rng"][rank]}
 
@@ -112,7 +161,8 @@ class _Run:
         r = self.result
         self.checkpoints.write({"settings": self.record, "model": self.model.state_dict(), **self.step.state_dict(),
                                 "step": r.steps, "epoch": r.epochs, "in_epoch": self.in_epoch,
-                                "losses": r.losses, "evals": r.evals}, self.epoch_rng)
+                                "losses": r.losses, "evals": r.evals, "best": self.best.state_dict()},
+                               self.epoch_rng)
         self.saved_at = r.steps
 
     def _resumed(self) -> None:
@@ -151,30 +201,44 @@ class _Run:
         try:
             # the teacher's outputs are computed under no_grad: it is never updated
             with temporary.modes({self.model: True, self.teacher: False}):
+                self._train_mode()
+                if eval_fn is not None and self.best.direction is not None and r.steps == 0:
+                    self.best.consider(self._evaluate(eval_fn), 0, self.model)
                 while r.steps < self.total and r.epochs < self.settings.epochs:
                     if not self.epoch(bar):
                         break
                     r.epochs, self.in_epoch = r.epochs + 1, 0
                     if eval_fn is not None:
-                        r.evals.append(_evaluate(self.model, eval_fn))
+                        r.evals.append(self._evaluate(eval_fn))
+                        self.best.consider(r.evals[-1], r.epochs, self.model)
                         if self.group.main:
                             bar.write(f"epoch {r.epochs}: {r.evals[-1]}")
                     self.epoch_rng = rng_state()  # the next epoch starts here
                     self.save()
                 if self.saved_at != r.steps:
                     self.save()
+            self.best.restore(self.model, r)
         finally:
             bar.close()
+            for p in self.frozen:
+                p.requires_grad_(True)
             self.group.close()
         return r
 
+    def _train_mode(self) -> None:
+        """Train mode, with BatchNorm statistics frozen (eval mode) if asked."""
+        self.model.train()
+        if self.settings.freeze_batchnorm:
+            for module in self.model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
 
-def _evaluate(model: nn.Module, eval_fn: EvalFn) -> Any:
-    model.eval()
-    try:
-        return eval_fn(model)
-    finally:
-        model.train()
+    def _evaluate(self, eval_fn: EvalFn) -> Any:
+        self.model.eval()
+        try:
+            return eval_fn(self.model)
+        finally:
+            self._train_mode()
 
 
 def finetune(model: nn.Module, data: Iterable[Any], settings: FinetuneSettings | None = None, *,
@@ -211,8 +275,9 @@ def finetune(model: nn.Module, data: Iterable[Any], settings: FinetuneSettings |
             global batch, shared out among processes under ``torchrun``.
         settings: a :class:`FinetuneSettings`; keyword ``options`` override its fields.
         teacher: the reference model for distillation (kept frozen, in eval mode).
-        eval_fn: ``model -> value`` called after every epoch with the model in eval mode (on every
-            process under ``torchrun``); values are kept in the result and the checkpoint.
+        eval_fn: ``model -> value`` called after every epoch (and before training, with
+            ``keep_best``) with the model in eval mode (on every process under ``torchrun``); values
+            are kept in the result and the checkpoint.
         checkpoint_dir: directory for ``last.pt``; enables resume. Checked for writing at once.
         resume: continue from ``checkpoint_dir/last.pt`` when it exists; ``False`` starts afresh
             and overwrites it (never a file tdnn did not write).
@@ -224,8 +289,10 @@ def finetune(model: nn.Module, data: Iterable[Any], settings: FinetuneSettings |
 
             - ``epochs`` (1): passes over ``data``; ``max_steps``: stop after this many optimizer
               steps (required when ``data`` has no length);
-            - ``lr`` (0.01): learning rate (peak, with a scheduler); ``optimizer``: ``"sgd"`` (with
-              ``momentum``, 0.9), ``"adamw"``, or ``params -> Optimizer``; ``weight_decay`` (0);
+            - ``lr``: learning rate (peak, with a scheduler), by default 0.01, or 0.001 with a
+              teacher (a compressed student starts close to it: small steps); ``optimizer``:
+              ``"sgd"`` (with ``momentum``, 0.9), ``"adamw"``, or ``params -> Optimizer``;
+              ``weight_decay`` (0);
             - ``scheduler``: ``"cosine"`` (to zero at the last step), ``"constant"``, or
               ``(optimizer, total_steps) -> scheduler``; ``warmup_steps`` (0): linear warm-up;
             - ``loss_fn``: ``(model_output, labels) -> scalar`` replacing cross-entropy;
@@ -234,7 +301,19 @@ def finetune(model: nn.Module, data: Iterable[Any], settings: FinetuneSettings |
               teacher and labels, 0.0 without a teacher;
             - ``max_grad_norm``: clip the gradient norm; ``checkpoint_every``: also checkpoint
               every this many steps; ``seed`` (0): the data order per epoch;
-            - ``amp``: mixed precision (float16 autocast and gradient scaling); default on for CUDA.
+            - ``amp``: mixed precision (float16 autocast and gradient scaling); default on for CUDA;
+            - ``keep_best``: with ``eval_fn`` returning a number, ``"max"`` (an accuracy) or ``"min"``
+              (a loss, a perplexity) restores the weights of the best evaluation at the end, the
+              weights before training included, so fine-tuning never leaves the model worse by that
+              measure (``None``, the default: the last weights);
+            - ``freeze_batchnorm``: BatchNorm layers keep their running statistics (eval mode),
+              by default when distilling from a teacher;
+            - ``trainable`` (``"all"``): ``"factorized"`` trains only the factors of factorized
+              layers.
+
+    A batch that is a dict with ``"labels"`` for a model whose ``forward`` takes ``labels`` (a
+    Hugging Face model) uses the model's own loss (for a causal LM: next-token cross-entropy, labels
+    shifted, ``-100`` ignored); a dict's ``attention_mask`` keeps padding out of distillation.
 
     Returns:
         A :class:`FinetuneResult` with per-step losses and per-epoch evaluations.

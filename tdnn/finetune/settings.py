@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -13,6 +13,7 @@ from torch import nn
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("cosine", "constant")
+TRAINABLE = ("all", "factorized")
 # Settings that only take Python objects (optimizer and scheduler also take names).
 NOT_IN_YAML = frozenset({"loss_fn"})
 
@@ -47,7 +48,7 @@ class FinetuneSettings:
 
     epochs: int = 1
     max_steps: int | None = None
-    lr: float = 0.01
+    lr: float | None = None
     optimizer: str | Callable[[list[nn.Parameter]], torch.optim.Optimizer] = "sgd"
     momentum: float = 0.9
     weight_decay: float = 0.0
@@ -60,6 +61,9 @@ class FinetuneSettings:
     checkpoint_every: int | None = None
     seed: int = 0
     amp: bool | None = None
+    keep_best: str | None = None
+    freeze_batchnorm: bool | None = None
+    trainable: str = "all"
 
     def __post_init__(self) -> None:
         _positive_int("epochs", self.epochs)
@@ -68,7 +72,14 @@ class FinetuneSettings:
                 _positive_int(name, getattr(self, name))
         _positive_int("warmup_steps", self.warmup_steps, zero=True)
         _positive_int("seed", self.seed, zero=True)
-        _number("lr", self.lr, low=0, open_low=True)
+        if self.lr is not None:
+            _number("lr", self.lr, low=0, open_low=True)
+        if self.keep_best not in (None, "max", "min"):
+            raise ValueError(f"keep_best={self.keep_best!r}: choose 'max' (e.g. accuracy), 'min' (e.g. a loss) or None")
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"trainable={self.trainable!r}: choose one of {', '.join(TRAINABLE)}")
+        if self.freeze_batchnorm is not None and not isinstance(self.freeze_batchnorm, bool):
+            raise TypeError(f"freeze_batchnorm must be true, false or null, got {self.freeze_batchnorm!r}")
         _number("momentum", self.momentum, low=0, high=1)
         _number("weight_decay", self.weight_decay, low=0)
         _number("temperature", self.temperature, low=0, open_low=True)
@@ -86,6 +97,13 @@ class FinetuneSettings:
             raise TypeError(f"loss_fn must be callable (output, labels) -> loss, got {type(self.loss_fn).__name__}")
         if self.amp is not None and not isinstance(self.amp, bool):
             raise TypeError(f"amp must be true, false or null, got {self.amp!r}")
+
+    def resolved(self, *, teacher: bool) -> FinetuneSettings:
+        """The settings with the defaults that depend on the run filled in: distilling from a
+        teacher starts close to the goal, so small steps (lr 1e-3 instead of 1e-2) and frozen
+        BatchNorm statistics."""
+        return replace(self, lr=self.lr if self.lr is not None else (1e-3 if teacher else 1e-2),
+                       freeze_batchnorm=teacher if self.freeze_batchnorm is None else self.freeze_batchnorm)
 
     def describe(self) -> dict[str, Any]:
         """A comparable record of the settings (callables by qualified name), kept in checkpoints."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -15,7 +16,8 @@ from tdnn.finetune.settings import FinetuneSettings
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
-                      temperature: float = 4.0, reduction: str = "mean") -> torch.Tensor:
+                      temperature: float = 4.0, reduction: str = "mean",
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
     """``T² · KL(softmax(teacher/T) ‖ softmax(student/T))`` (Hinton et al., 2015).
 
     The ``T²`` factor keeps gradient magnitudes comparable across temperatures, so the loss can
@@ -26,6 +28,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         teacher_logits: logits of the same shape from the reference model.
         temperature: softening temperature ``T > 0``.
         reduction: ``"mean"`` (over samples), ``"sum"`` or ``"none"`` (one value per sample).
+        mask: ``(N, tokens)`` of the positions to count (a transformer batch's ``attention_mask``:
+            padding is left out), for logits of shape ``(N, tokens, classes)``.
 
     Returns:
         The loss, reduced as asked.
@@ -48,6 +52,10 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     s = F.log_softmax(student_logits.float().reshape(-1, classes) / temperature, dim=-1)
     t = F.log_softmax(teacher_logits.float().reshape(-1, classes) / temperature, dim=-1)
     per_row = F.kl_div(s, t, log_target=True, reduction="none").sum(-1) * temperature ** 2
+    if mask is not None:
+        if tuple(mask.shape) != tuple(student_logits.shape[:-1]):
+            raise ValueError(f"mask {tuple(mask.shape)} does not match logits {tuple(student_logits.shape)}")
+        per_row = per_row * mask.reshape(-1).to(per_row.dtype)
     per_sample = per_row.reshape(student_logits.shape[0], -1).sum(-1)
     if reduction == "none":
         return per_sample
@@ -80,6 +88,9 @@ class TrainStep:
                  device: torch.device, amp: bool, world: int, total: int) -> None:
         self.net, self.teacher, self.settings = net, teacher, settings
         self.device, self.amp, self.world = device, amp, world
+        inner = net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
+        # a Hugging Face model computes its own label loss (shifted for a causal LM, -100 ignored)
+        self.model_takes_labels = "labels" in inspect.signature(inner.forward).parameters
         self.params = [p for p in net.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError(f"{type(net).__name__} has no trainable parameters")
@@ -105,16 +116,23 @@ class TrainStep:
         if labels is None and a < 1.0:
             raise ValueError("a batch has no labels: give a teacher for label-free distillation, "
                              "or data of (inputs, labels)")
-        output = call(self.net, inputs)
+        own_loss = labels is not None and s.loss_fn is None and isinstance(inputs, Mapping) and self.model_takes_labels
+        output = call(self.net, {**inputs, "labels": labels} if own_loss else inputs)
         loss = torch.zeros((), device=self.device)
         if a < 1.0:
-            label_loss = (s.loss_fn(output, labels) if s.loss_fn is not None
-                          else F.cross_entropy(logits_of(output).float(), labels))
+            if own_loss:
+                label_loss = output.loss
+            elif s.loss_fn is not None:
+                label_loss = s.loss_fn(output, labels)
+            else:
+                label_loss = F.cross_entropy(logits_of(output).float(), labels)
             loss = loss + (1.0 - a) * label_loss
         if a > 0.0:
             with torch.no_grad():
                 target = logits_of(call(self.teacher, inputs))
-            loss = loss + a * distillation_loss(logits_of(output), target, temperature=s.temperature)
+            mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+            mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == target.dim() - 1 else None
+            loss = loss + a * distillation_loss(logits_of(output), target, temperature=s.temperature, mask=mask)
         return loss
 
     def __call__(self, batch: Any, global_n: int) -> float:

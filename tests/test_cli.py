@@ -1,5 +1,6 @@
 """The `tdnn` command: compress -> report -> finetune on a small ResNet, help texts, clear errors."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -70,10 +71,11 @@ def test_compress_report_finetune(tmp_path, capsys):
     assert main(["finetune", str(out), "--model", MODEL, "--data", "digits", "--config", DIGITS_CONFIG,
                  "--teacher-weights", str(weights), "--max-steps", "4", "--out", str(tuned),
                  "--no-progress", "--checkpoint-dir", str(tmp_path / "ckpt")]) == 0
-    assert "after 4 steps" in capsys.readouterr().out
-    before, after = tdnn.load(out, small_resnet()), tdnn.load(tuned, small_resnet())
-    assert not torch.equal(before.layer1[0].conv1.core.weight, after.layer1[0].conv1.core.weight)
-    assert (tmp_path / "ckpt" / "last.pt").exists()
+    printed = capsys.readouterr().out
+    found = re.search(r"top-1 on digits test: ([\d.]+)% before, ([\d.]+)% after 4 steps", printed)
+    assert found, printed
+    assert float(found[2]) >= float(found[1])  # the best epoch is kept: never worse than it started
+    assert (tmp_path / "ckpt" / "last.pt").exists() and tuned.exists()
 
 
 def test_errors_are_one_clear_line(tmp_path, capsys):

@@ -83,10 +83,10 @@ def test_the_best_weights_are_kept_also_when_training_only_hurts():
         return -sum(float((v.float() - start[k].float()).norm()) for k, v in m.state_dict().items())
 
     result = tdnn.finetune(model, batches, epochs=2, lr=0.1, eval_fn=closeness, keep_best="max", progress=False)
-    assert result.best_epoch == 0 and result.best_eval == 0.0 and all(v < 0 for v in result.evals)
+    assert result.best_step == 0 and result.best_eval == 0.0 and all(v < 0 for v in result.evals)
     assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
     kept = tdnn.finetune(classifier(), batches, epochs=2, lr=0.1, eval_fn=closeness, keep_best="min", progress=False)
-    assert kept.best_epoch == 2  # "min": the farthest, i.e. the last
+    assert kept.best_step == kept.steps  # "min": the farthest, i.e. the last
 
 
 def test_batchnorm_statistics_are_frozen_when_distilling_unless_asked():

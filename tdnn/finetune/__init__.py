@@ -46,6 +46,8 @@ class FinetuneResult:
         losses: this process's mean training loss of every step.
         evals: what ``eval_fn`` returned after each completed epoch.
         resumed_from: the step the run resumed from, ``None`` for a fresh run.
+        best_step: with ``keep_best``, the step whose weights were kept (0: those before training).
+        best_eval: the evaluation of those weights.
     """
 
     steps: int = 0
@@ -53,20 +55,20 @@ class FinetuneResult:
     losses: list[float] = field(default_factory=list)
     evals: list[Any] = field(default_factory=list)
     resumed_from: int | None = None
-    best_epoch: int | None = None
+    best_step: int | None = None
     best_eval: Any = None
 
 
 class _Best:
-    """The best weights by ``eval_fn`` so far (epoch 0: before training), to restore at the end."""
+    """The best weights by ``eval_fn`` so far (step 0: before training), to restore at the end."""
 
     def __init__(self, direction: str | None, group: ddp.Group) -> None:
         self.direction, self.group = direction, group
-        self.epoch: int | None = None
+        self.step: int | None = None
         self.value: float | None = None
         self.weights: dict[str, torch.Tensor] | None = None
 
-    def consider(self, value: Any, epoch: int, model: nn.Module) -> None:
+    def consider(self, value: Any, step: int, model: nn.Module) -> None:
         if self.direction is None:
             return
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
@@ -78,20 +80,20 @@ class _Best:
             value = shared[0]
         better = self.value is None or (value > self.value if self.direction == "max" else value < self.value)
         if better:
-            self.epoch, self.value = epoch, float(value)
+            self.step, self.value = step, float(value)
             self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def state_dict(self) -> dict[str, Any] | None:
-        return None if self.weights is None else {"epoch": self.epoch, "value": self.value, "model": self.weights}
+        return None if self.weights is None else {"step": self.step, "value": self.value, "model": self.weights}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         if state is not None:
-            self.epoch, self.value, self.weights = state["epoch"], state["value"], state["model"]
+            self.step, self.value, self.weights = state["step"], state["value"], state["model"]
 
     def restore(self, model: nn.Module, result: FinetuneResult) -> None:
         if self.weights is not None:
             model.load_state_dict(self.weights)
-            result.best_epoch, result.best_eval = self.epoch, self.value
+            result.best_step, result.best_eval = self.step, self.value
 
 
 class _Run:
@@ -206,11 +208,14 @@ class _Run:
                     self.best.consider(self._evaluate(eval_fn), 0, self.model)
                 while r.steps < self.total and r.epochs < self.settings.epochs:
                     if not self.epoch(bar):
+                        # stopped inside an epoch (max_steps): the last weights still compete
+                        if eval_fn is not None and self.best.direction is not None and self.best.step != r.steps:
+                            self.best.consider(self._evaluate(eval_fn), r.steps, self.model)
                         break
                     r.epochs, self.in_epoch = r.epochs + 1, 0
                     if eval_fn is not None:
                         r.evals.append(self._evaluate(eval_fn))
-                        self.best.consider(r.evals[-1], r.epochs, self.model)
+                        self.best.consider(r.evals[-1], r.steps, self.model)
                         if self.group.main:
                             bar.write(f"epoch {r.epochs}: {r.evals[-1]}")
                     self.epoch_rng = rng_state()  # the next epoch starts here

@@ -17,4 +17,4 @@ import torch  # noqa: E402  (after the environment is set)
 
 torch.set_num_threads(int(THREADS))
 
-collect_ignore = [] if importlib.util.find_spec("transformers") else ["tdnn/layers/hf_conv1d.py"]
+collect_ignore = [] if importlib.util.find_spec("transformers") else ["tdnn/layers/hf_conv1d.py", "tdnn/pretrained.py"]

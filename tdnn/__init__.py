@@ -19,6 +19,7 @@ from tdnn.layers import (CPConv1d, CPConv2d, Factorized, SVDConv1d, SVDConv2d, S
                          Tucker2Conv2d)
 from tdnn.merge import merge
 from tdnn.plan import LayerPlan, Plan
+from tdnn.pretrained import from_pretrained, save_pretrained
 from tdnn.ranks import VBMF, Energy, LayerSpec
 from tdnn.report import LayerRecord, Report, report
 
@@ -28,6 +29,7 @@ __all__ = [
     "finetune", "FinetuneResult", "FinetuneSettings", "load_config", "Config",
     "compress_model", "Budget", "Energy", "VBMF", "report", "Report", "LayerRecord", "Plan", "LayerPlan", "LayerSpec",
     "save", "load", "apply_plan", "merge", "optimize_for_inference", "InferenceForm",
+    "save_pretrained", "from_pretrained",
     "Factorized", "SVDLinear", "SVDConv2d", "Tucker2Conv2d", "CPConv2d", "SVDConv1d", "Tucker2Conv1d", "CPConv1d",
     "registry",
 ]

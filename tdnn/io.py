@@ -85,6 +85,17 @@ def _tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     return tensors, aliases
 
 
+BUFFERS = "tdnn.buffers:"  # prefix of the stored non-persistent buffers
+
+
+def _transient_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Non-persistent buffers (a rotary embedding's ``inv_freq``): outside the state dict, but a
+    model built on the meta device has them on meta, so the checkpoint keeps them too."""
+    persistent = model.state_dict().keys()
+    return {name: b.detach().cpu().contiguous() for name, b in model.named_buffers()
+            if name not in persistent and not b.is_meta}
+
+
 def save(model: nn.Module, path: PathLike) -> None:
     """Write ``model``'s weights and compression plan to one safetensors file, atomically.
 
@@ -119,6 +130,8 @@ def save(model: nn.Module, path: PathLike) -> None:
     layers = {name: {"class": type(m).__name__, "dense_kwargs": m.dense_kwargs, "rel_error": m.rel_error}
               for name, m, _ in walk.named_layers(model, walk.layer_or_factorized) if isinstance(m, Factorized)}
     tensors, aliases = _tensors(model)
+    buffers = _transient_buffers(model)
+    tensors.update({BUFFERS + name: b for name, b in buffers.items()})
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "tdnn_version": tdnn.__version__,
                 "torch_version": torch.__version__, "plan": json.dumps(plan.to_dict()),
                 "layers": json.dumps(layers), "aliases": json.dumps(aliases)}
@@ -321,6 +334,7 @@ def load(path: PathLike, model: nn.Module, *, assign: bool = False) -> nn.Module
         # safetensors hands out tensors at arbitrary byte offsets; kernels pick other code paths
         # for unaligned data, so outputs would differ in the last bit. Own, aligned copies fix that.
         state = {key: value.clone() for key, value in state.items()}
+    buffers = {key[len(BUFFERS):]: state.pop(key) for key in [k for k in state if k.startswith(BUFFERS)]}
     for alias, stored in header["aliases"].items():
         state[alias] = state[stored]
     try:
@@ -330,4 +344,9 @@ def load(path: PathLike, model: nn.Module, *, assign: bool = False) -> nn.Module
     ties = list(walk.shared_parameters(model).values())
     model.load_state_dict(state, strict=True, assign=assign)
     walk.tie(model, ties)  # assign=True gives every name its own Parameter: tie them again
+    for name, value in buffers.items():  # non-persistent buffers, e.g. of a model built on meta
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        if attr in module._buffers:
+            module.register_buffer(attr, value, persistent=False)
     return model

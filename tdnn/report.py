@@ -184,11 +184,11 @@ def checkpoint_report(path: str | os.PathLike[str]) -> Report:
     """
     from safetensors import safe_open
 
-    from tdnn.io import read_header
+    from tdnn.io import BUFFERS, read_header
 
     header = read_header(path)
     with safe_open(os.fspath(path), framework="pt") as f:
-        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys() if not key.startswith(BUFFERS)}
     shapes.update({alias: shapes[stored] for alias, stored in header["aliases"].items()})
     records = []
     for entry in header["plan"].layers:

@@ -269,43 +269,48 @@ class Whitening:
     def __init__(self, cov: torch.Tensor, out_scale: torch.Tensor | None = None, *,
                  damping: float = 0.01, cross: torch.Tensor | None = None,
                  eig: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        cov = (cov + cov.T) / 2
-        evals, vecs = torch.linalg.eigh(cov) if eig is None else eig  # eig: of this same cov
+        if eig is None:
+            eig = symmetric_eig(cov)
+        evals, vecs = eig  # of this same cov; only the eigenvectors are kept (n² numbers, once)
         mean = float(evals.clamp_min(0).mean())
-        if mean <= torch.finfo(cov.dtype).eps * float(evals.abs().max().clamp_min(1e-300)):
-            ridge, evals = 0.0, torch.ones_like(evals)  # no signal at all: fall back to plain truncation
+        if mean <= torch.finfo(evals.dtype).eps * float(evals.abs().max().clamp_min(1e-300)):
+            ridge, shifted = 0.0, torch.ones_like(evals)  # no signal at all: fall back to plain truncation
         else:
             # damping=0 still needs an invertible root where the data never goes (dead units)
             ridge = max(damping, MIN_DAMPING) * mean
-            evals = evals.clamp_min(0) + ridge               # cov + λI
-        self.root = vecs * evals.sqrt()                      # R,   R Rᵀ = cov + λI
-        self.root_inv = (vecs / evals.sqrt()).T              # R⁻¹
-        if cross is not None:
-            # Sequential mode: the least-squares target is W·M with M = (E[x_ref xᵀ] + λI)(cov + λI)⁻¹,
-            # which maps the inputs this layer now gets to what the original layer computed (and
-            # is the identity when nothing upstream changed). Whitening W·M: M R = (cross + λI) Q Λ^-½.
-            eye = torch.eye(cross.shape[0], dtype=cross.dtype)
-            self.root = (cross + ridge * eye) @ (vecs / evals.sqrt())
+            shifted = evals.clamp_min(0) + ridge              # eigenvalues of cov + λI
+        self.eig, self.vecs, self.scale, self.ridge = eig, vecs, shifted.sqrt(), ridge  # R = Q Λ^½
+        # Sequential mode: the least-squares target is W·M with M = (E[x_ref xᵀ] + λI)(cov + λI)⁻¹,
+        # which maps the inputs this layer now gets to what the original layer computed (and is the
+        # identity when nothing upstream changed). Whitening W·M: M R = (cross + λI) Q Λ^-½.
+        self.cross = cross
         if out_scale is not None:  # a dead BN channel (γ = 0) must not divide by zero
-            out_scale = out_scale.clamp_min(max(1e-6 * float(out_scale.max()), torch.finfo(cov.dtype).tiny))
+            out_scale = out_scale.clamp_min(max(1e-6 * float(out_scale.max()), torch.finfo(evals.dtype).tiny))
         self.out_scale = out_scale
-        self._cov, self._damping, self._cross = cov, damping, cross
+        self._damping = damping
 
     def group(self, g: int, groups: int) -> Whitening:
         """The whitening of group ``g`` of a grouped layer (diagonal block of the covariance)."""
         if groups == 1:
             return self
-        n, s = self._cov.shape[0] // groups, None
+        evals, vecs = self.eig
+        cov = (vecs * evals) @ vecs.T
+        n, s = cov.shape[0] // groups, None
         if self.out_scale is not None:
             m = self.out_scale.shape[0] // groups
             s = self.out_scale[g * m:(g + 1) * m]
         block = slice(g * n, (g + 1) * n)
-        cross = None if self._cross is None else self._cross[block, block]
-        return Whitening(self._cov[block, block], s, damping=self._damping, cross=cross)
+        cross = None if self.cross is None else self.cross[block, block]
+        return Whitening(cov[block, block], s, damping=self._damping, cross=cross)
 
     def whiten(self, weight: torch.Tensor) -> torch.Tensor:
-        """``D W R`` for a weight with output mode 0 and input mode 1 (matrix or conv kernel)."""
-        w = torch.einsum("sc...,cd->sd...", weight, self.root)
+        """``D W R`` (``D W M R`` in sequential mode) for a weight with output mode 0 and input mode 1."""
+        w = weight.movedim(1, -1)                                        # (S, ..., n)
+        if self.cross is None:
+            w = (w @ self.vecs) * self.scale
+        else:
+            w = (w @ self.cross + self.ridge * w) @ self.vecs / self.scale
+        w = w.movedim(-1, 1)
         if self.out_scale is not None:
             w = w * self.out_scale.reshape(-1, *([1] * (w.dim() - 1)))
         return w
@@ -315,21 +320,16 @@ class Whitening:
         return factor if self.out_scale is None else factor / self.out_scale[:, None]
 
     def in_factor(self, factor: torch.Tensor) -> torch.Tensor:
-        """Map a whitened input factor ``(n, r)`` back: ``R⁻ᵀ V``."""
-        return self.root_inv.T @ factor
+        """Map a whitened input factor ``(n, r)`` back: ``R⁻ᵀ V = Q Λ^-½ V``."""
+        return self.vecs @ (factor / self.scale[:, None])
 
 
-def whitenings(stats: dict[str, InputStats], damping: float) -> dict[str, Whitening]:
-    """A :class:`Whitening` per layer from its statistics. Layers whose input covariances are
-    identical (Q, K and V reading one tensor) share one eigendecomposition."""
-    eigs: dict[tuple, list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]] = {}
-    out = {}
-    for name, s in stats.items():
-        cov = s.cov
-        same = eigs.setdefault((tuple(cov.shape), float(cov.sum()), float(cov.trace())), [])
-        eig = next((e for c, e in same if torch.equal(c, cov)), None)
-        if eig is None:
-            eig = torch.linalg.eigh((cov + cov.T) / 2)
-            same.append((cov, eig))
-        out[name] = Whitening(cov, s.out_scale, damping=damping, eig=eig)
-    return out
+def symmetric_eig(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues and eigenvectors of a covariance, symmetrised; should LAPACK fail to converge
+    (an ill-conditioned matrix), once more with a ridge of 1e-12 of the trace: never NaN."""
+    sym = (cov + cov.T) / 2
+    try:
+        return torch.linalg.eigh(sym)
+    except torch.linalg.LinAlgError:
+        ridge = 1e-12 * float(sym.diagonal().abs().sum().clamp_min(1e-300))
+        return torch.linalg.eigh(sym + ridge * torch.eye(sym.shape[0], dtype=sym.dtype))

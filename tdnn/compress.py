@@ -211,14 +211,23 @@ def _data_aware(model: nn.Module, chosen: list[_Job], batches: list[Any], swap: 
                                   geometry=geometry.__getitem__, sequential=sequential, reference=reference,
                                   progress=progress).run()
         for n in glue:
+            old = swap.model.get_submodule(n)
             new = factorize(n, glue_stats[n])
             if new is not None:
-                swap(jobs[n].module, new)
+                swap(old, new)
+
+    last: list[tuple[torch.Tensor, Any]] = []  # the last layer's (cov, eig): Q, K and V share theirs
+
+    def whitening(stats: calibrate.InputStats) -> Whitening:
+        cov = stats.cov
+        if not (last and last[0][0].shape == cov.shape and torch.equal(last[0][0], cov)):
+            last[:] = [(cov, calibrate.symmetric_eig(cov))]
+        return Whitening(cov, stats.out_scale, damping=damping, cross=stats.cross_cov, eig=last[0][1])
 
     if budget is not None or any(isinstance(l.rank_spec, Energy) for l in chosen):
         def survey(name: str, stats: calibrate.InputStats) -> None:
             l = jobs[name]
-            l.spectra = l.cls.spectra(l.module, Whitening(stats.cov, stats.out_scale, damping=damping), name=name)
+            l.spectra = l.cls.spectra(l.module, whitening(stats), name=name)
             l.input_shape = stats.input_shape
 
         run(inside, survey, False)
@@ -230,10 +239,11 @@ def _data_aware(model: nn.Module, chosen: list[_Job], batches: list[Any], swap: 
 
     def factorize(name: str, stats: calibrate.InputStats) -> Factorized | None:
         l = jobs[name]
-        whitening = Whitening(stats.cov, stats.out_scale, damping=damping, cross=stats.cross_cov)
-        new = l.cls.from_dense(l.module, l.entry.rank, name=name, whitening=whitening)
+        new = l.cls.from_dense(l.module, l.entry.rank, name=name, whitening=whitening(stats))
         l.entry.data_aware = True
-        return new if timer is None or _faster(l, new, timer, stats.input_shape) else None
+        faster = timer is None or _faster(l, new, timer, stats.input_shape)
+        l.module = None  # the dense layer is not needed any more: let it go once swapped out
+        return new if faster else None
 
     glue[:] = [n for n in glue if jobs[n].cls is not None]
     run({b: [n for n in members if jobs[n].cls is not None] for b, members in inside.items()}, factorize,

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tdnn import calibrate, registry, temporary
@@ -43,9 +42,9 @@ def _probe(z: torch.Tensor, logits: bool, mask: torch.Tensor | None, generator: 
     """The random output direction ε (zero on masked tokens)."""
     z = z.detach().float()
     if logits:
-        p = z.softmax(-1)
-        k = torch.multinomial(p.reshape(-1, p.shape[-1]), 1, generator=generator).reshape(p.shape[:-1])
-        eps = F.one_hot(k, p.shape[-1]).to(p.dtype) - p
+        eps = -z.softmax(-1)
+        k = torch.multinomial(-eps.reshape(-1, eps.shape[-1]), 1, generator=generator)
+        eps.reshape(-1, eps.shape[-1]).scatter_add_(1, k, torch.ones_like(k, dtype=eps.dtype))  # onehot(k) - p
     else:
         eps = torch.randn(z.shape, generator=generator, dtype=z.dtype)
     if mask is not None and tuple(z.shape[:2]) == tuple(mask.shape):
@@ -73,6 +72,25 @@ def fisher_weights(model: nn.Module, batches: Sequence[Any], layers: dict[str, n
     total = {name: 0.0 for name in layers}
     generator = torch.Generator().manual_seed(SEED)
     handles = [module.register_forward_hook(keep(name)) for name, module in layers.items()]
+    # no parameter needs a gradient: autograd then keeps only what flows back to layer outputs
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        _accumulate(model, batches, outputs, total, generator, handles)
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+    weights = {name: value / _out_channels(layers[name]) for name, value in total.items()}
+    # A layer whose output does not reach the judged output (a pooler beside last_hidden_state)
+    # counts as the most sensitive one: nothing says its errors are cheap.
+    top = max(weights.values(), default=0.0)
+    return {name: value if value > 0 else top for name, value in weights.items()}
+
+
+def _accumulate(model: nn.Module, batches: Sequence[Any], outputs: list[tuple[str, torch.Tensor]],
+                total: dict[str, float], generator: torch.Generator, handles: list[Any]) -> None:
+    """Σ g² per layer over ``batches``: one forward and one backward each."""
     with temporary.hooks(handles), temporary.modes({model: False}), torch.enable_grad():
         for i, batch in enumerate(batches):
             outputs.clear()
@@ -85,11 +103,6 @@ def fisher_weights(model: nn.Module, batches: Sequence[Any], layers: dict[str, n
             for (name, _), g in zip(outputs, grads):
                 if g is not None:
                     total[name] += float(g.double().square().sum())
-    weights = {name: value / _out_channels(layers[name]) for name, value in total.items()}
-    # A layer whose output does not reach the judged output (a pooler beside last_hidden_state)
-    # counts as the most sensitive one: nothing says its errors are cheap.
-    top = max(weights.values(), default=0.0)
-    return {name: value if value > 0 else top for name, value in weights.items()}
 
 
 def _out_channels(layer: nn.Module) -> int:

@@ -9,6 +9,7 @@ Example:
 """
 
 from tdnn.budget import Budget
+from tdnn.calibrate import Calibration
 from tdnn.compress import compress_model
 from tdnn.config import Config, load_config
 from tdnn.finetune import FinetuneResult, FinetuneSettings, finetune
@@ -27,7 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "finetune", "FinetuneResult", "FinetuneSettings", "load_config", "Config",
-    "compress_model", "Budget", "Energy", "VBMF", "report", "Report", "LayerRecord", "Plan", "LayerPlan", "LayerSpec",
+    "compress_model", "Calibration", "Budget", "Energy", "VBMF", "report", "Report", "LayerRecord", "Plan", "LayerPlan", "LayerSpec",
     "save", "load", "apply_plan", "merge", "optimize_for_inference", "InferenceForm",
     "save_pretrained", "from_pretrained",
     "Factorized", "SVDLinear", "SVDConv2d", "Tucker2Conv2d", "CPConv2d", "SVDConv1d", "Tucker2Conv1d", "CPConv1d",

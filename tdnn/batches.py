@@ -61,3 +61,9 @@ def batch_size(batch: Any) -> int:
         if size:
             return size
     return 0
+
+
+def batch_mask(batch: Any) -> torch.Tensor | None:
+    """The batch's ``attention_mask`` (a dict batch of a transformer), as booleans: which tokens count."""
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    return mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None

@@ -20,6 +20,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tdnn import calibrate, temporary
+from tdnn.batches import batch_mask
+from tdnn.sensitivity import fisher_weights
 
 Hidden = Any  # what flows from block to block: a tensor (or, for the whole model, the batch)
 _NO_CACHE = ("past_key_value", "past_key_values", "layer_past")  # kwargs a replay must not update
@@ -103,12 +105,6 @@ def _hidden(args: tuple, kwargs: dict) -> tuple[int | str, torch.Tensor]:
     if isinstance(kwargs.get("hidden_states"), torch.Tensor):
         return "hidden_states", kwargs["hidden_states"]
     raise TypeError("a block must take its hidden state as the first argument or as hidden_states=")
-
-
-def batch_mask(batch: Any) -> torch.Tensor | None:
-    """The batch's ``attention_mask`` (a dict batch of a transformer), as booleans."""
-    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-    return mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
 
 @torch.no_grad()
@@ -278,3 +274,71 @@ class BlockCompressor:
         with torch.no_grad(), temporary.modes({block: False, original: False}):
             return ([segment.run(block, i, x) for i, x in enumerate(xs)],
                     [segment.run(original, i, x) for i, x in enumerate(refs)])
+
+
+class Runs:
+    """The calibration passes of one :func:`tdnn.compress_model` call over ``layers`` (name ->
+    (module, geometry)): the blocks found, their inputs captured once (on the dense model), and the
+    layers outside any block calibrated in one pass of the whole model. With a keeping
+    :class:`tdnn.Calibration`, one-shot statistics come from (and go to) its cache."""
+
+    def __init__(self, model: nn.Module, layers: dict[str, tuple[nn.Module, str]], calibration: calibrate.Calibration,
+                 *, blocks: Any, reference: nn.Module | None, progress: bool) -> None:
+        self.model, self.layers, self.calibration = model, layers, calibration
+        self.batches, self.reference, self.progress = calibration.batches, reference, progress
+        ids = {id(m) for m, _ in layers.values()}
+        self.names = find_blocks(model, blocks, lambda m: any(id(x) in ids for x in m.modules()))
+        self.inside = ({b: [n for n in layers if n == b or n.startswith(b + ".")] for b in self.names}
+                       if self.names else {"": list(layers)})
+        self.glue = [n for n in layers if not any(n in members for members in self.inside.values())]
+        self.selected = list(layers)
+        self._chain: Chain | None = None
+        self._glue_stats: dict[str, calibrate.InputStats] | None = None
+
+    def only(self, names: list[str]) -> None:
+        """Calibrate and factorize only these layers from now on."""
+        self.selected = [n for n in self.layers if n in set(names)]
+
+    def fisher(self, layers: dict[str, nn.Module]) -> dict[str, float]:
+        """:func:`tdnn.sensitivity.fisher_weights` of ``layers`` on the dense model, cached."""
+        cache = self.calibration
+        if all(cache.has(n, m, cache.fisher) for n, m in layers.items()):
+            return {n: cache.fisher[n] for n in layers}
+        weights = fisher_weights(self.model, self.batches, layers)
+        for name, weight in weights.items():
+            cache.store(name, layers[name], cache.fisher, weight)
+        return weights
+
+    def run(self, swap: Swap, factorize: Factorize, *, sequential: bool) -> None:
+        """``factorize`` every selected layer with its statistics (swapping in what it returns)."""
+        cache = self.calibration
+        if not cache.keep or sequential:
+            self._passes(swap, factorize, sequential)
+            return
+        if not all(cache.has(n, self.layers[n][0], cache.stats) for n in self.selected):
+            keep = self.selected
+            self.selected = list(self.layers)  # every layer, so that later calls find theirs too
+            self._passes(swap, lambda n, s: cache.store(n, self.layers[n][0], cache.stats, s), False)
+            self.selected = keep
+        for name in self.selected:
+            old = swap.model.get_submodule(name)
+            new = factorize(name, cache.stats[name])
+            if new is not None:
+                swap(old, new)
+
+    def _passes(self, swap: Swap, factorize: Factorize, sequential: bool) -> None:
+        if self._glue_stats is None:  # on the dense model, before anything is swapped
+            glue = {n: self.layers[n] for n in self.glue}
+            masks = [batch_mask(b) for b in self.batches]
+            self._glue_stats = calibrate.collect(self.model, self.batches, glue, masks=masks) if glue else {}
+        if self._chain is None:
+            self._chain = capture(self.model, self.names, self.batches)
+        segments = {b: [n for n in members if n in self.selected] for b, members in self.inside.items()}
+        BlockCompressor(swap.model, self._chain, segments, factorize=factorize, swap=swap,
+                        geometry=lambda n: self.layers[n][1], sequential=sequential, reference=self.reference,
+                        progress=self.progress).run()
+        for name in [n for n in self.glue if n in self.selected]:
+            old = swap.model.get_submodule(name)
+            new = factorize(name, self._glue_stats[name])
+            if new is not None:
+                swap(old, new)

@@ -167,6 +167,55 @@ def batch_list(calibration: Iterable[Any]) -> list[Any]:
     return batches
 
 
+class Calibration:
+    """Calibration batches, checked once, whose statistics are kept for reuse.
+
+    Give one to several :func:`tdnn.compress_model` calls on the same model (a sweep over budgets,
+    say): the first one-shot data-aware call collects every layer's input statistics (and, for a
+    budget, the layers' sensitivities), the later ones reuse them, so a sweep costs one calibration
+    pass. A layer whose weight changed since (another model) is collected again; sequential mode,
+    whose statistics depend on the compressed layers, always runs its own passes.
+
+    Args:
+        batches: as for ``compress_model(calibration=...)``.
+        keep: keep the statistics (``False``: a plain, checked list of batches).
+
+    Example:
+        >>> import torch, tdnn
+        >>> net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+        >>> data = tdnn.Calibration([torch.randn(64, 32)])
+        >>> smalls = [tdnn.compress_model(net, budget=tdnn.Budget(params=p), calibration=data) for p in (0.3, 0.6)]
+        >>> sorted(data.stats)
+        ['0', '2']
+    """
+
+    def __init__(self, batches: Iterable[Any], *, keep: bool = True) -> None:
+        self.batches, self.keep = batch_list(batches), keep
+        self.stats: dict[str, InputStats] = {}
+        self.fisher: dict[str, float] = {}
+        self._marks: dict[str, tuple] = {}
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    @staticmethod
+    def _mark(module: nn.Module) -> tuple:
+        w = module.weight.detach()
+        return tuple(w.shape), str(w.dtype), float(w.double().sum()), float(w.double().square().sum())
+
+    def has(self, name: str, module: nn.Module, table: dict[str, Any]) -> bool:
+        """Whether ``table`` (``stats`` or ``fisher``) holds ``name`` for this very weight."""
+        return name in table and self._marks.get(name) == self._mark(module)
+
+    def store(self, name: str, module: nn.Module, table: dict[str, Any], value: Any) -> None:
+        if self.keep:
+            table[name] = value
+            self._marks[name] = self._mark(module)
+
+
 @torch.no_grad()
 def collect(model: nn.Module, batches: Sequence[Any], layers: dict[str, tuple[nn.Module, str]], *,
             runner: Runner | None = None, masks: Sequence[torch.Tensor | None] | None = None,

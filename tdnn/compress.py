@@ -21,7 +21,6 @@ from tdnn.latency import LatencyTimer, latency_ratio
 from tdnn.layers import Factorized
 from tdnn.plan import PLAN_ATTR, LayerPlan, Plan
 from tdnn.ranks import NO_ENTRY, VBMF, Energy, RankRule, dense_param_count, rank_for_ratio, rank_from_spectra
-from tdnn.sensitivity import fisher_weights
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -117,19 +116,19 @@ def _accept(layer: _Job, rank: Any) -> None:
         layer.entry.method, layer.entry.rank = layer.cls.method, rank
 
 
-def _allocate(model: nn.Module, layers: list[_Job], budget: Budget, batches: list[Any] | None,
+def _allocate(model: nn.Module, layers: list[_Job], budget: Budget, runs: blockwise.Runs | None,
               multiple: int) -> None:
-    if budget.measure == "flops" and batches is None:
+    if budget.measure == "flops" and runs is None:
         raise ValueError("Budget(flops=...) needs calibration data: FLOPs depend on the input size")
     weights = {l.name: 1.0 for l in layers}
-    if batches is not None and budget.sensitivity:
-        fisher = fisher_weights(model, batches, {l.name: l.module for l in layers})
+    if runs is not None and budget.sensitivity:
+        fisher = runs.fisher({l.name: l.module for l in layers})
         # cost of an error = Fisher weight × its whitened energy (estimate_error is relative)
         weights = {l.name: fisher[l.name] * float(l.spectra[0].square().sum()) for l in layers}
     if budget.measure == "params":
         total = sum(p.numel() for p in model.parameters())
     else:
-        total = model_flops(model, batches[0])
+        total = model_flops(model, runs.batches[0])
     shapes = [l.input_shape for l in layers]
     fixed = total - sum(layer_cost(budget.measure, l.module, input_shape=shape) for l, shape in zip(layers, shapes))
     offers = [(l.module, l.cls, l.spectra if l.spectra is not None else l.cls.spectra(l.module, name=l.name),
@@ -190,32 +189,14 @@ def _plain(model: nn.Module, chosen: list[_Job], budget: Budget | None, multiple
         swap(l.module, l.cls.from_dense(l.module, l.entry.rank, name=l.name))
 
 
-def _data_aware(model: nn.Module, chosen: list[_Job], batches: list[Any], swap: _Swapper, *,
+def _data_aware(model: nn.Module, chosen: list[_Job], calibration: Any, swap: _Swapper, *,
                 blocks: Any, sequential: bool, budget: Budget | None, damping: float,
                 timer: LatencyTimer | None, multiple: int, progress: bool, reference: nn.Module | None) -> None:
     """With calibration data, block by block (:mod:`tdnn.blockwise`): a survey of the whitened
     spectra where ranks depend on them (budget, energy), the ranks, then the factors."""
     jobs = {l.name: l for l in chosen}
-    ids = {id(l.module) for l in chosen}
-    names = blockwise.find_blocks(model, blocks, lambda m: any(id(x) in ids for x in m.modules()))
-    inside = {b: [n for n in jobs if n == b or n.startswith(b + ".")] for b in names} if names else {"": list(jobs)}
-    glue = [n for n in jobs if not any(n in members for members in inside.values())]
-    masks = [blockwise.batch_mask(b) for b in batches]
-    geometry = {n: l.cls.geometry for n, l in jobs.items()}
-    glue_stats = calibrate.collect(model, batches, {n: (jobs[n].module, geometry[n]) for n in glue},
-                                   masks=masks) if glue else {}
-    chain = blockwise.capture(model, names, batches)
-
-    def run(segments: dict[str, list[str]], factorize: blockwise.Factorize, sequential: bool) -> None:
-        blockwise.BlockCompressor(swap.model, chain, segments, factorize=factorize, swap=swap,
-                                  geometry=geometry.__getitem__, sequential=sequential, reference=reference,
-                                  progress=progress).run()
-        for n in glue:
-            old = swap.model.get_submodule(n)
-            new = factorize(n, glue_stats[n])
-            if new is not None:
-                swap(old, new)
-
+    runs = blockwise.Runs(model, {n: (l.module, l.cls.geometry) for n, l in jobs.items()}, calibration,
+                          blocks=blocks, reference=reference, progress=progress)
     last: list[tuple[torch.Tensor, Any]] = []  # the last layer's (cov, eig): Q, K and V share theirs
 
     def whitening(stats: calibrate.InputStats) -> Whitening:
@@ -230,24 +211,25 @@ def _data_aware(model: nn.Module, chosen: list[_Job], batches: list[Any], swap: 
             l.spectra = l.cls.spectra(l.module, whitening(stats), name=name)
             l.input_shape = stats.input_shape
 
-        run(inside, survey, False)
+        runs.run(swap, survey, sequential=False)
     if budget is not None:
-        _allocate(model, chosen, budget, batches, multiple)
+        _allocate(model, chosen, budget, runs, multiple)
     else:
         for l in chosen:
             _accept(l, _rank(l, multiple))
 
     def factorize(name: str, stats: calibrate.InputStats) -> Factorized | None:
         l = jobs[name]
+        if l.cls is None:
+            return None
         new = l.cls.from_dense(l.module, l.entry.rank, name=name, whitening=whitening(stats))
         l.entry.data_aware = True
         faster = timer is None or _faster(l, new, timer, stats.input_shape)
         l.module = None  # the dense layer is not needed any more: let it go once swapped out
         return new if faster else None
 
-    glue[:] = [n for n in glue if jobs[n].cls is not None]
-    run({b: [n for n in members if jobs[n].cls is not None] for b, members in inside.items()}, factorize,
-        sequential)
+    runs.only([n for n, l in jobs.items() if l.cls is not None])
+    runs.run(swap, factorize, sequential=sequential)
 
 
 def compress_model(model: nn.Module, ranks: Any = None, *, method: str = "auto",
@@ -367,13 +349,14 @@ def compress_model(model: nn.Module, ranks: Any = None, *, method: str = "auto",
         for l in layers:
             l.module = memo[id(l.module)]
     chosen = [l for l in layers if l.cls is not None]
-    batches = None if calibration is None else calibrate.batch_list(calibration)
+    if calibration is not None and not isinstance(calibration, calibrate.Calibration):
+        calibration = calibrate.Calibration(calibration, keep=False)
     swap = _Swapper(model)
     try:
-        if batches is None or not chosen:
+        if calibration is None or not chosen:
             _plain(model, chosen, budget, rank_multiple, swap, progress)
         else:
-            _data_aware(model, chosen, batches, swap, blocks=blocks, sequential=sequential, budget=budget,
+            _data_aware(model, chosen, calibration, swap, blocks=blocks, sequential=sequential, budget=budget,
                         damping=damping, timer=timer, multiple=rank_multiple, progress=progress,
                         reference=None if inplace else original)
     except BaseException:

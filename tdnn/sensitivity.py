@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from tdnn import calibrate, registry, temporary
-from tdnn.blockwise import batch_mask
+from tdnn.batches import batch_mask
 
 SEED = 0
 

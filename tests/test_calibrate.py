@@ -233,3 +233,28 @@ def test_layers_reading_one_input_share_its_statistics(monkeypatch):
     alone = calibrate.Whitening(stats["v"].cov, damping=0.01)
     torch.testing.assert_close(small.v.first.weight.double(),
                                tdnn.SVDLinear.from_dense(net.v, 4, whitening=alone).first.weight.double())
+
+
+def test_a_kept_calibration_serves_a_sweep_with_one_pass():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(), nn.Linear(48, 4)).double().eval()
+    calls = []
+    net.register_forward_hook(lambda m, a, out: calls.append(1))
+    batches = [correlated(64, 16, seed=s) for s in range(2)]
+    data = tdnn.Calibration(batches)
+    swept = [tdnn.compress_model(net, budget=tdnn.Budget(params=p), calibration=data) for p in (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)]
+    once = len(calls)
+    calls.clear()
+    tdnn.compress_model(net, budget=tdnn.Budget(params=0.5), calibration=batches)
+    # all six: one pass for the sensitivities, one for the statistics; a single uncached call also
+    # surveys the spectra and then factorizes, one pass each
+    assert once == 2 * len(batches) and len(calls) == 3 * len(batches)
+    fresh = tdnn.compress_model(net, budget=tdnn.Budget(params=0.5), calibration=batches)
+    x = correlated(32, 16, seed=9)
+    with torch.no_grad():
+        torch.testing.assert_close(swept[3](x), fresh(x))  # the same model as without the cache
+    other = nn.Sequential(nn.Linear(16, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(), nn.Linear(48, 4)).double().eval()
+    other.register_forward_hook(lambda m, a, out: calls.append(1))
+    calls.clear()
+    tdnn.compress_model(other, budget=tdnn.Budget(params=0.5), calibration=data)
+    assert len(calls) == 2 * len(batches)  # other weights: collected again, not reused

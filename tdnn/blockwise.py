@@ -302,11 +302,12 @@ class Runs:
     def fisher(self, layers: dict[str, nn.Module]) -> dict[str, float]:
         """:func:`tdnn.sensitivity.fisher_weights` of ``layers`` on the dense model, cached."""
         cache = self.calibration
-        if all(cache.has(n, m, cache.fisher) for n, m in layers.items()):
-            return {n: cache.fisher[n] for n in layers}
+        kept = {n: cache.lookup(cache.fisher, n, m) for n, m in layers.items()}
+        if all(w is not None for w in kept.values()):
+            return kept
         weights = fisher_weights(self.model, self.batches, layers)
         for name, weight in weights.items():
-            cache.store(name, layers[name], cache.fisher, weight)
+            cache.store(cache.fisher, name, layers[name], weight)
         return weights
 
     def run(self, swap: Swap, factorize: Factorize, *, sequential: bool) -> None:
@@ -315,14 +316,19 @@ class Runs:
         if not cache.keep or sequential:
             self._passes(swap, factorize, sequential)
             return
-        if not all(cache.has(n, self.layers[n][0], cache.stats) for n in self.selected):
+        stats = {n: cache.lookup(cache.stats, n, self.layers[n][0]) for n in self.selected}
+        if any(s is None for s in stats.values()):
+            def collected(name: str, value: calibrate.InputStats) -> None:
+                stats[name] = value
+                cache.store(cache.stats, name, self.layers[name][0], value)
+
             keep = self.selected
             self.selected = list(self.layers)  # every layer, so that later calls find theirs too
-            self._passes(swap, lambda n, s: cache.store(n, self.layers[n][0], cache.stats, s), False)
+            self._passes(swap, collected, False)
             self.selected = keep
         for name in self.selected:
             old = swap.model.get_submodule(name)
-            new = factorize(name, cache.stats[name])
+            new = factorize(name, stats[name])
             if new is not None:
                 swap(old, new)
 

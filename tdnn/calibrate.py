@@ -191,9 +191,9 @@ class Calibration:
 
     def __init__(self, batches: Iterable[Any], *, keep: bool = True) -> None:
         self.batches, self.keep = batch_list(batches), keep
-        self.stats: dict[str, InputStats] = {}
-        self.fisher: dict[str, float] = {}
-        self._marks: dict[str, tuple] = {}
+        # layer name -> (a fingerprint of the layer's weight, the value)
+        self.stats: dict[str, tuple[tuple, InputStats]] = {}
+        self.fisher: dict[str, tuple[tuple, float]] = {}
 
     def __iter__(self):
         return iter(self.batches)
@@ -206,14 +206,14 @@ class Calibration:
         w = module.weight.detach()
         return tuple(w.shape), str(w.dtype), float(w.double().sum()), float(w.double().square().sum())
 
-    def has(self, name: str, module: nn.Module, table: dict[str, Any]) -> bool:
-        """Whether ``table`` (``stats`` or ``fisher``) holds ``name`` for this very weight."""
-        return name in table and self._marks.get(name) == self._mark(module)
+    def lookup(self, table: dict[str, tuple[tuple, Any]], name: str, module: nn.Module) -> Any:
+        """``name``'s entry in ``table`` (``stats`` or ``fisher``) if kept for this very weight, else ``None``."""
+        entry = table.get(name)
+        return entry[1] if entry is not None and entry[0] == self._mark(module) else None
 
-    def store(self, name: str, module: nn.Module, table: dict[str, Any], value: Any) -> None:
+    def store(self, table: dict[str, tuple[tuple, Any]], name: str, module: nn.Module, value: Any) -> None:
         if self.keep:
-            table[name] = value
-            self._marks[name] = self._mark(module)
+            table[name] = (self._mark(module), value)
 
 
 @torch.no_grad()

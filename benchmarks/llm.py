@@ -73,7 +73,13 @@ SETTINGS = [
     Setting("data-aware + sequential", dict(calibration=True, sequential=True)),
     Setting("data-aware + budget", dict(budget=True, calibration=True)),
     Setting("best", BEST),
+    Setting("best + distillation", BEST),  # then fine-tuned (FINETUNE); at the first level only
 ]
+# Label-free distillation from the dense model on training chunks disjoint from the calibration
+# and evaluation ones; the weights with the lowest KL on VALIDATE further chunks are kept.
+FINETUNE: dict[str, Any] = dict(max_steps=48, optimizer="adamw", lr=1e-4, warmup_steps=4, keep_best="min",
+                                max_grad_norm=1.0, trainable="factorized")
+TRAIN_CHUNKS, VALIDATE = 2 * 48, 8
 
 
 def is_decoder(module: nn.Module, name: str) -> bool:
@@ -115,7 +121,7 @@ def chunks(tokenizer: Any, n_calib: int, n_eval: int) -> tuple[list[dict[str, to
         sys.exit(f"--calib-chunks {n_calib} + --eval-chunks {n_eval} exceed the {n} chunks of the text")
     all_chunks = ids[:n * CHUNK].view(n, CHUNK)
     batches = [dict(input_ids=b, attention_mask=torch.ones_like(b)) for b in all_chunks[:n_calib].split(BATCH)]
-    return batches, all_chunks[n_calib:n_calib + n_eval]
+    return batches, all_chunks[n_calib:n_calib + n_eval], all_chunks[n_calib + n_eval:]
 
 
 def log_probs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -164,7 +170,7 @@ def run_row(key: str, args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     dense, tokenizer = load()
     load_s = time.perf_counter() - start
-    calibration, held_out = chunks(tokenizer, args.calib_chunks, args.eval_chunks)
+    calibration, held_out, rest = chunks(tokenizer, args.calib_chunks, args.eval_chunks)
     row = dict(level=level, label=label, params_dense=n_params(dense), load_s=load_s, compress_s=None,
                peak_gib=peak_gib())
     if label == "dense":
@@ -185,12 +191,27 @@ def run_row(key: str, args: argparse.Namespace) -> dict[str, Any]:
     if label == "plain" and row["params"] != (predicted := uniform_params(dense, 1 - level)):
         print(f"warning: {key}: {row['params']} parameters, the cost model predicted {predicted}: "
               "the budget rows are matched to the prediction", file=sys.stderr)
+    if label.endswith("distillation"):
+        row |= distill(small, dense, rest, args.finetune_steps)
     return row | evaluate(small.eval(), dense, held_out)
+
+
+def distill(small: nn.Module, dense: nn.Module, rest: torch.Tensor, steps: int) -> dict[str, Any]:
+    """FINETUNE on TRAIN_CHUNKS further chunks, 2 per batch, keeping the weights with the lowest KL
+    to ``dense`` on VALIDATE others; the CPU time of fine-tuning."""
+    train = [dict(input_ids=b, attention_mask=torch.ones_like(b)) for b in rest[:TRAIN_CHUNKS].split(2)]
+    validate = rest[TRAIN_CHUNKS:TRAIN_CHUNKS + VALIDATE]
+    start = time.process_time()
+    result = tdnn.finetune(small, train, teacher=dense, eval_fn=lambda m: evaluate(m, dense, validate)["kl"],
+                           progress=False, **{**FINETUNE, "max_steps": steps})
+    return dict(finetune_cpu_min=(time.process_time() - start) / 60, finetune_steps=result.steps,
+                best_step=result.best_step)
 
 
 def spawn(key: str, args: argparse.Namespace) -> dict[str, Any]:
     """``run_row`` in a fresh interpreter; a failed row comes back with its error."""
     cmd = [sys.executable, __file__, "--row", key, "--json", "--threads", str(args.threads),
+           "--finetune-steps", str(args.finetune_steps),
            "--calib-chunks", str(args.calib_chunks), "--eval-chunks", str(args.eval_chunks)]
     start = time.perf_counter()
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
@@ -217,6 +238,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             lines.append(f"| {level} | {r['label']} | failed: {r['error']} |" + " |" * (len(head) - 3))
             continue
         compress = "-" if r["compress_s"] is None else f"{r['compress_s']:.1f}"
+        if "finetune_cpu_min" in r:
+            compress += f" + {r['finetune_cpu_min']:.0f} CPU-min distillation ({r['finetune_steps']} steps)"
         lines.append(f"| {level} | {r['label']} | {num(r['ppl'])} | {num(r['ppl'] / r['ppl_dense'])} | "
                      f"{r['kl']:.4f} | {r['agree']:.1%} | {r['params'] / 1e6:.1f}M "
                      f"({r['params'] / r['params_dense']:.3f}) | {compress} | {r['peak_gib']:.2f} | "
@@ -232,6 +255,8 @@ def main() -> None:
     parser.add_argument("--calib-chunks", type=int, default=16, help="256-token chunks for calibration")
     parser.add_argument("--eval-chunks", type=int, default=32, help="256-token chunks for evaluation")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in each row")
+    parser.add_argument("--finetune-steps", type=int, default=FINETUNE["max_steps"],
+                        help="distillation steps of the fine-tuned row (2 chunks each)")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run this one row here
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -241,8 +266,10 @@ def main() -> None:
         row = run_row(args.row, args)
         print(json.dumps(row) if args.json else table([row]), flush=True)
         return
-    keys = ["0|dense"] + [f"{float(level):g}|{s.label}" for level in args.levels.split(",")
-                          for s in SETTINGS if args.only in f"{float(level):g}|{s.label}"]
+    levels = args.levels.split(",")
+    keys = ["0|dense"] + [f"{float(level):g}|{s.label}" for level in levels for s in SETTINGS
+                          if args.only in f"{float(level):g}|{s.label}"
+                          and (level == levels[0] or not s.label.endswith("distillation"))]
     start = time.perf_counter()
     rows = [spawn(key, args) for key in keys]
     print()

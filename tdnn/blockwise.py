@@ -27,8 +27,9 @@ Hidden = Any  # what flows from block to block: a tensor (or, for the whole mode
 _NO_CACHE = ("past_key_value", "past_key_values", "layer_past")  # kwargs a replay must not update
 
 
-class _Stop(Exception):
-    """Raised after the last block during the capture: the rest of the model is not needed."""
+class _Stop(BaseException):
+    """Raised after the last block during the capture: the rest of the model is not needed (a
+    BaseException, so that no ``except Exception`` in the model's own code swallows it)."""
 
 
 def first_tensor(output: Any) -> torch.Tensor:
@@ -141,6 +142,8 @@ def capture(model: nn.Module, names: list[str], batches: list[Any], *,
     def post(i: int) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             last[i] = first_tensor(output)
+            if i == len(blocks) - 1:
+                raise _Stop  # the rest of the model (an LM head: large logits) is not needed
         return hook
 
     handles = [*hooks]
@@ -150,7 +153,10 @@ def capture(model: nn.Module, names: list[str], batches: list[Any], *,
     with temporary.hooks(handles), temporary.modes({model: False}), _no_cache(model):
         for b, batch in enumerate(batches):
             last.clear()
-            calibrate.run(model, batch, b)
+            try:
+                calibrate.run(model, batch, b)
+            except _Stop:
+                pass
             for i, segment in enumerate(segments):
                 if len(segment.calls) != b + 1:
                     raise ValueError(f"blocks: {names[i]} ran {len(segment.calls) - b} times on calibration "

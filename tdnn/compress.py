@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import tempfile
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -163,18 +165,38 @@ def _faster(layer: _Job, new: Factorized, timer: LatencyTimer, input_shape: tupl
 
 
 class _Swapper:
-    """Puts factorized layers in place (the one mutation), remembering how to undo it."""
+    """Puts factorized layers in place (the one mutation), remembering how to undo it.
 
-    def __init__(self, model: nn.Module) -> None:
+    With ``park`` (compressing in place) each replaced dense layer's tensors move to a temporary
+    file, their memory freed, so an undo can bring them back exactly while memory stays that of
+    the compressed model; without, replaced layers are simply let go.
+    """
+
+    def __init__(self, model: nn.Module, *, park: bool) -> None:
         self.model, self.done = model, {}
+        self.directory = tempfile.TemporaryDirectory(prefix="tdnn-undo-") if park else None
 
     def __call__(self, old: nn.Module, new: nn.Module) -> nn.Module:
         self.model = walk.swap(self.model, {id(old): new})
-        self.done[id(new)] = old
+        if self.directory is not None:
+            tensors = [*old.parameters(), *old.buffers()]
+            path = os.path.join(self.directory.name, f"{len(self.done)}.pt")
+            torch.save([t.detach() for t in tensors], path)
+            for t in tensors:
+                t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+            self.done[id(new)] = (old, tensors, path)
         return self.model
 
     def undo(self) -> None:
-        walk.swap(self.model, self.done)
+        """Put every replaced layer back, with its tensors as they were."""
+        for old, tensors, path in self.done.values():
+            for t, saved in zip(tensors, torch.load(path, weights_only=True)):
+                t.data = saved
+        walk.swap(self.model, {key: old for key, (old, _, _) in self.done.items()})
+
+    def close(self) -> None:
+        if self.directory is not None:
+            self.directory.cleanup()
 
 
 def _plain(model: nn.Module, chosen: list[_Job], budget: Budget | None, multiple: int, swap: _Swapper,
@@ -186,7 +208,8 @@ def _plain(model: nn.Module, chosen: list[_Job], budget: Budget | None, multiple
         for l in chosen:
             _accept(l, _rank(l, multiple))
     for l in tqdm([l for l in chosen if l.cls is not None], desc="decomposing", disable=not progress, leave=False):
-        swap(l.module, l.cls.from_dense(l.module, l.entry.rank, name=l.name))
+        old, l.module = l.module, None  # let the dense layer go once swapped out
+        swap(old, l.cls.from_dense(old, l.entry.rank, name=l.name))
 
 
 def _data_aware(model: nn.Module, chosen: list[_Job], calibration: Any, swap: _Swapper, *,
@@ -351,7 +374,7 @@ def compress_model(model: nn.Module, ranks: Any = None, *, method: str = "auto",
     chosen = [l for l in layers if l.cls is not None]
     if calibration is not None and not isinstance(calibration, calibrate.Calibration):
         calibration = calibrate.Calibration(calibration, keep=False)
-    swap = _Swapper(model)
+    swap = _Swapper(model, park=inplace)
     try:
         if calibration is None or not chosen:
             _plain(model, chosen, budget, rank_multiple, swap, progress)
@@ -363,6 +386,8 @@ def compress_model(model: nn.Module, ranks: Any = None, *, method: str = "auto",
         if inplace:  # leave the user's model as it was
             swap.undo()
         raise
+    finally:
+        swap.close()
     model = swap.model
 
     plan = Plan([l.entry for l in layers])

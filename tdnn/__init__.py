@@ -23,6 +23,7 @@ from tdnn.plan import LayerPlan, Plan
 from tdnn.pretrained import from_pretrained, save_pretrained
 from tdnn.ranks import VBMF, Energy, LayerSpec
 from tdnn.report import LayerRecord, Report, report
+from tdnn.sweep import Sweep, SweepPoint, layer_errors, sweep
 
 __version__ = "0.1.0"
 
@@ -32,5 +33,5 @@ __all__ = [
     "save", "load", "apply_plan", "merge", "optimize_for_inference", "InferenceForm",
     "save_pretrained", "from_pretrained",
     "Factorized", "SVDLinear", "SVDConv2d", "Tucker2Conv2d", "CPConv2d", "SVDConv1d", "Tucker2Conv1d", "CPConv1d",
-    "registry",
+    "registry", "sweep", "Sweep", "SweepPoint", "layer_errors",
 ]

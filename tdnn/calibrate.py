@@ -31,7 +31,7 @@ class InputStats:
     Attributes:
         geometry: ``"patches"`` (unfolded conv patches, ordered like ``weight.flatten(1)``; a
             Linear layer's input features) or ``"channels"`` (each position's channel vector).
-        gram: sum of ``x xᵀ`` (float64, on CPU).
+        gram: sum of ``x xᵀ`` (float64, on CPU); the covariance once :attr:`cov` was read.
         count: number of vectors summed.
         input_shape: shape of the first input seen (for FLOP counting).
         out_scale: ``|γ| / sqrt(var + eps)`` of a BatchNorm fed by this layer, else ``None``.
@@ -45,12 +45,17 @@ class InputStats:
     input_shape: tuple[int, ...] | None = None
     out_scale: torch.Tensor | None = None
     cross: torch.Tensor | None = None
+    normalized: bool = False  # gram already divided by count (see cov)
 
     @property
     def cov(self) -> torch.Tensor:
+        """``E[x xᵀ]``: ``gram`` divided by ``count`` in place the first time (no second n×n copy)."""
         if self.count == 0:
             raise ValueError("no calibration data reached this layer")
-        return self.gram / self.count
+        if self.normalized is False:
+            self.gram.div_(self.count)
+            self.normalized = True
+        return self.gram
 
     def update(self, module: nn.Module, x: torch.Tensor, reference: torch.Tensor | None = None,
                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
@@ -66,6 +71,8 @@ class InputStats:
 
     def add(self, x: torch.Tensor, term: torch.Tensor, count: int) -> None:
         """Add a batch whose ``Σ x xᵀ`` is already known."""
+        if self.normalized:
+            raise RuntimeError("statistics already read as a covariance cannot take more data")
         if self.input_shape is None:
             self.input_shape = tuple(x.shape)
         self.gram = _add(self.gram, term)
@@ -87,7 +94,8 @@ def rows(module: nn.Module, x: torch.Tensor, geometry: str, mask: torch.Tensor |
 
 
 def _add(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
-    return term.cpu() if total is None else total + term.cpu()
+    # a copy to start with: layers reading one input share the term, and cov divides in place
+    return term.cpu().clone() if total is None else total + term.cpu()
 
 
 @dataclass
@@ -374,11 +382,11 @@ class Whitening:
 
 
 def symmetric_eig(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues and eigenvectors of a covariance, symmetrised; should LAPACK fail to converge
-    (an ill-conditioned matrix), once more with a ridge of 1e-12 of the trace: never NaN."""
-    sym = (cov + cov.T) / 2
+    """Eigenvalues and eigenvectors of a covariance; should LAPACK fail to converge (an
+    ill-conditioned matrix), once more, symmetrised, with a ridge of 1e-12 of the trace: never NaN."""
     try:
-        return torch.linalg.eigh(sym)
+        return torch.linalg.eigh(cov)  # reads one triangle: a covariance needs no symmetrised copy
     except torch.linalg.LinAlgError:
+        sym = (cov + cov.T) / 2
         ridge = 1e-12 * float(sym.diagonal().abs().sum().clamp_min(1e-300))
         return torch.linalg.eigh(sym + ridge * torch.eye(sym.shape[0], dtype=sym.dtype))

@@ -1,6 +1,8 @@
-"""The ``tdnn`` command: compress a model by a YAML config, report on a checkpoint, fine-tune it.
+"""The ``tdnn`` command: compress a model by a YAML config, report on a checkpoint, fine-tune it,
+sweep budgets.
 
     tdnn compress configs/resnet18_tucker2.yaml --model resnet18 --weights IMAGENET1K_V1 --out r18.safetensors
+    tdnn sweep configs/resnet18_digits.yaml --model resnet18 --weights r18_digits.pt --data digits --plot sweep.png
     tdnn report r18.safetensors [--model resnet18 --input-size 3,224,224]
     tdnn finetune r18.safetensors --model resnet18 --data /path/to/imagefolder \\
         --config configs/resnet18_tucker2.yaml --teacher-weights IMAGENET1K_V1 --out r18_ft.safetensors
@@ -13,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -24,6 +28,7 @@ from tdnn import _vision as vision
 from tdnn.distributed import Launch
 from tdnn.io import read_header
 from tdnn.report import checkpoint_report, format_table
+from tdnn.sweep import MEASURES, MODES, ranks_filter
 
 
 def _input_shape(text: str) -> tuple[int, ...]:
@@ -34,6 +39,24 @@ def _input_shape(text: str) -> tuple[int, ...]:
     if not shape or min(shape) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: sizes must be positive")
     return shape
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected fractions like 0.2,0.3,0.5") from None
+    if not all(0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: each fraction must be in (0, 1]")
+    return values
+
+
+def _modes(text: str) -> tuple[str, ...]:
+    modes = tuple(m.strip() for m in text.split(","))
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{unknown[0]!r}: choose modes from {', '.join(MODES)}")
+    return modes
 
 
 def _device(text: str) -> str:
@@ -108,7 +131,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start afresh, overwriting the checkpoint in --checkpoint-dir (default: resume from it)")
     p.add_argument("--device", type=_device, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true")
+    _sweep_parser(sub)
     return parser
+
+
+def _sweep_parser(sub: Any) -> None:
+    p = sub.add_parser("sweep", help="compress at several budgets, measure each, mark the Pareto front",
+                       description="Compress a model at a series of parameter (or FLOP) budgets with the options "
+                                   "of CONFIG's 'compress' section (its ranks, if a mapping, choose the layers), "
+                                   "calibrated once on training images; measure each model's size, FLOPs, "
+                                   "latency and top-1 on the test split; mark the Pareto front; plot it.")
+    p.add_argument("config", metavar="CONFIG", help="YAML config (see configs/)")
+    _model_args(p, required=True, weights=True)
+    p.add_argument("--data", default="digits",
+                   help="'digits' (embedded), 'cifar10' (downloads) or an ImageFolder dir with train/ val/")
+    p.add_argument("--targets", type=_fractions, default=(0.1, 0.2, 0.3, 0.5, 0.7),
+                   help="fractions of the parameters (or FLOPs) to keep (default 0.1,0.2,0.3,0.5,0.7)")
+    p.add_argument("--measure", choices=MEASURES, default="params", help="what the budgets count")
+    p.add_argument("--modes", type=_modes, help=f"comma-separated, of {', '.join(MODES)} (default: "
+                                                "data-aware, or sequential if the config says so)")
+    p.add_argument("--methods", help="comma-separated methods to compare (default: the config's method)")
+    p.add_argument("--calibration-batches", type=int, default=4, help="training batches to calibrate on")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (cifar10 / folders)")
+    p.add_argument("--latency-batch", type=int, default=32, help="test images per timed forward")
+    p.add_argument("--no-latency", action="store_true", help="do not time the models")
+    p.add_argument("--plot", help="write the picture to this .png, .svg or .pdf file")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--no-progress", action="store_true")
 
 
 def _compress(args: argparse.Namespace) -> None:
@@ -171,6 +222,32 @@ def _finetune(args: argparse.Namespace) -> None:
               f"saved to {args.out}")
 
 
+def _sweep(args: argparse.Namespace) -> None:
+    cfg = tdnn.load_config(args.config)
+    data = vision.image_data(args.data, image_size=args.image_size, batch_size=args.batch_size,
+                             workers=args.workers)
+    model = vision.build_model(args.model, weights=args.weights, num_classes=args.num_classes or data.num_classes,
+                               image_size=data.image_size).eval()
+    options = {k: v for k, v in cfg.compress.items() if k not in ("ranks", "budget", "method", "sequential")}
+    if isinstance(cfg.compress.get("ranks"), Mapping):
+        options["filter_fn"] = ranks_filter(cfg.compress["ranks"])
+    torch.manual_seed(0)  # the training loader's order: which images calibrate
+    calibration = [x for x, _ in itertools.islice(data.train, args.calibration_batches)]
+    methods = args.methods.split(",") if args.methods else [cfg.compress.get("method", "auto")]
+    modes = args.modes or (("sequential",) if cfg.compress.get("sequential") else ("data-aware",))
+
+    def top1(m: torch.nn.Module) -> float:
+        return vision.top1(m, data.test)
+
+    result = tdnn.sweep(model, top1, targets=args.targets, measure=args.measure, calibration=calibration,
+                        methods=methods, modes=modes, inputs=[next(iter(data.test))[0][:args.latency_batch]],
+                        latency=not args.no_latency, progress=not args.no_progress, **options)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result)
+    if args.plot:
+        result.plot(args.plot)
+        print(f"plot written to {args.plot}", file=sys.stderr if args.json else sys.stdout)
+
+
 def _methods(args: argparse.Namespace) -> None:
     rows = [[method, kind, cls.__name__, f"{cls.kind.dense_type.__module__}.{cls.kind.dense_type.__qualname__}"]
             for method, kind, cls in tdnn.registry.forms()]
@@ -181,7 +258,7 @@ def _methods(args: argparse.Namespace) -> None:
         print(f"{qualified}: registered by {module} when a model holding one is first compressed or loaded")
 
 
-COMMANDS = {"compress": _compress, "report": _report, "methods": _methods, "finetune": _finetune}
+COMMANDS = {"compress": _compress, "report": _report, "methods": _methods, "finetune": _finetune, "sweep": _sweep}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -57,6 +57,17 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "param_ratio": self.param_ratio, "flop_ratio": self.flop_ratio}
 
+    def plot(self, path: str | os.PathLike[str], *, errors: dict[str, float] | None = None,
+             title: str | None = None, dpi: int = 100) -> Any:
+        """Draw the layers in model order into a ``.png``, ``.svg`` or ``.pdf`` file: each one's
+        kept fraction of parameters (dense ones with the reason), relative weight error, measured
+        output error when ``errors`` is given (:func:`tdnn.layer_errors`) and latency ratio when
+        measured. Needs matplotlib (``pip install "tdnn[plot]"``). Returns the matplotlib ``Figure``.
+        """
+        from tdnn.plot import plot_report
+
+        return plot_report(self, path, errors=errors, title=title, dpi=dpi)
+
     def __str__(self) -> str:
         flops = self.flops_before is not None
         head = ["layer", "type", "method", "rank", "params", "after"]

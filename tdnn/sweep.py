@@ -152,14 +152,18 @@ class Sweep:
         head = ["model", "target", "params", "x", "MFLOPs", "x", "latency ms", "x", self.metric,
                 "compress s", "pareto"]
         rows = [[r.label, "-" if r.target is None else f"{r.target:g}", f"{r.params:,}", f"{r.param_ratio:.3f}",
-                 _num(r.flops, 1e-6, ",.1f"), _num(r.flop_ratio, 1, ".3f"), _num(r.latency, 1e3, ".1f"),
+                 _num(r.flops, 1e-6), _num(r.flop_ratio, 1, ".3f"), _num(r.latency, 1e3),
                  _num(r.latency_ratio, 1, ".3f"), f"{r.metric:.4f}", f"{r.seconds:.1f}", "*" if r.pareto else ""]
                 for r in self.rows]
         return format_table(head, rows, right=set(range(1, 10)))
 
 
-def _num(value: float | None, scale: float, spec: str) -> str:
-    return "-" if value is None else format(value * scale, spec)
+def _num(value: float | None, scale: float, spec: str | None = None) -> str:
+    """``value × scale`` by ``spec``; without one, to one decimal from 10 on, else 3 significant digits."""
+    if value is None:
+        return "-"
+    value *= scale
+    return format(value, spec or (",.1f" if abs(value) >= 10 else ".3g"))
 
 
 @dataclass
@@ -438,10 +442,11 @@ def layer_errors(original: nn.Module, compressed: nn.Module, inputs: Iterable[An
 
     Example:
         >>> import torch, tdnn
-        >>> net = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
-        >>> small = tdnn.compress_model(net, ranks={"0": 16})
-        >>> {k: round(v, 6) for k, v in tdnn.layer_errors(net, small, [torch.randn(8, 16)]).items()}
-        {'0': 0.0}
+        >>> net = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+        >>> small = tdnn.compress_model(net, ranks={"0": 8})
+        >>> errors = tdnn.layer_errors(net, small, [torch.randn(8, 32)])
+        >>> list(errors), 0 < errors["0"] < 1
+        (['0'], True)
     """
     layers = {n: m for n, m, _ in walk.named_layers(compressed, lambda m: isinstance(m, Factorized))}
     sums = {n: [0.0, 0.0] for n in layers}

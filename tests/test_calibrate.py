@@ -258,3 +258,13 @@ def test_a_kept_calibration_serves_a_sweep_with_one_pass():
     calls.clear()
     tdnn.compress_model(other, budget=tdnn.Budget(params=0.5), calibration=data)
     assert len(calls) == 2 * len(batches)  # other weights: collected again, not reused
+
+
+def test_layers_sharing_one_batch_keep_their_own_statistics():
+    net = _QKV()
+    x = correlated(64, 16, seed=0)
+    layers = {name: (getattr(net, name), "patches") for name in ("q", "k", "v")}
+    stats = calibrate.collect(net, [x.clone()], layers)
+    expected = (x.T @ x) / 64
+    for name in ("q", "k", "v"):  # reading one covariance (divided in place) leaves the others alone
+        torch.testing.assert_close(stats[name].cov, expected, rtol=1e-12, atol=1e-12)

@@ -1,0 +1,198 @@
+"""tdnn.sweep: budgets in one calibration pass, the Pareto front, fidelity, layer errors, `tdnn sweep`."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import tdnn
+from tdnn.cli import main
+from tdnn.sweep import SweepPoint, pareto_mask
+from test_cli import small_resnet  # pytest puts tests/ on sys.path
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.8)
+
+
+def images(n, seed, size=16):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def count_calibration_passes(model, batches):
+    """Forwards of ``model`` (or of its copies, which carry the hook) on one of ``batches``."""
+    calls = []
+
+    def hook(module, args, kwargs, output):
+        seen = args[0] if args else kwargs.get("input_ids")
+        calls.append(any(seen is (b["input_ids"] if isinstance(b, dict) else b) for b in batches))
+
+    model.register_forward_hook(hook, with_kwargs=True)
+    return calls
+
+
+def tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def tokens(seed, pad=0):
+    ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[:, ids.shape[1] - pad:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_pareto_mask_on_a_constructed_example():
+    costs = [1.0, 2.0, 2.0, 3.0, 4.0, 5.0, 0.5]
+    values = [0.5, 0.9, 0.7, 0.9, 0.95, 0.95, math.nan]
+    # (2, 0.7) is beaten at the same cost, (3, 0.9) by a cheaper equal point, (5, 0.95) likewise; NaN never counts
+    assert pareto_mask(costs, values) == [True, True, False, False, True, False, False]
+    assert pareto_mask([1, 1], [0.5, 0.5]) == [True, True]  # ties dominate neither
+    assert pareto_mask([1, 2, 3], [3.0, 1.0, 2.0], maximize=False) == [True, True, False]
+
+
+def point(mode, target, params, metric, **kw):
+    return SweepPoint(mode, None if mode == "original" else "auto", target, params, params / 100, None, None,
+                      kw.get("latency"), kw.get("latency_ratio"), metric, pareto=kw.get("pareto", False))
+
+
+def test_front_and_cheapest_choose_from_the_rows():
+    rows = (point("original", None, 100, 0.99, latency=1.0, latency_ratio=1.0),
+            point("data-aware", 0.3, 30, 0.97, latency=0.8, latency_ratio=0.8, pareto=True),
+            point("data-aware", 0.5, 50, 0.99, latency=0.6, latency_ratio=0.6, pareto=True),
+            point("data-aware", 0.1, 10, 0.50, latency=0.9, latency_ratio=0.9, pareto=True))
+    result = tdnn.Sweep(rows, "top-1")
+    assert [r.target for r in result.pareto] == [0.1, 0.3, 0.5]  # cheapest first
+    assert [r.target for r in result.front("latency")] == [0.5]  # fastest and best at once
+    assert result.cheapest(0.95).target == 0.3 and result.cheapest(0.999) is None
+    assert result.original.params == 100
+    head, rule, *lines = str(result).splitlines()
+    assert head.split()[-4:] == ["top-1", "compress", "s", "pareto"] and set(rule) == {"-"}
+    assert [line.endswith("*") for line in lines] == [False, True, True, True]
+    with pytest.raises(ValueError, match="cost='memory'"):
+        result.front("memory")
+
+
+def test_a_six_point_sweep_costs_one_calibration_pass():
+    net = small_resnet().eval()
+    batches = [images(32, s) for s in range(2)]
+    calls = count_calibration_passes(net, batches)
+    evaluated = []
+
+    def score(model):
+        evaluated.append(model)
+        with torch.no_grad():
+            return -float((model(images(16, 9)) - net(images(16, 9))).square().mean())
+
+    result = tdnn.sweep(net, score, targets=TARGETS, calibration=batches, inputs=[images(8, 7)])
+    # one pass for the statistics, one for the budget's sensitivities: as many as a single point costs
+    assert sum(calls) == 2 * len(batches)
+    assert len(evaluated) == len(TARGETS) + 1 and evaluated[-1] is net
+    assert result.metric == "score" and [r.target for r in result.rows] == [None, *TARGETS]
+    for row, target in zip(result.rows[1:], TARGETS):
+        assert abs(row.param_ratio - target) < 0.02 and row.flop_ratio < 1 and row.latency > 0
+        assert row.mode == "data-aware" and row.metric <= 0
+    marks = pareto_mask([r.param_ratio for r in result.rows], [r.metric for r in result.rows])
+    assert [r.pareto for r in result.rows] == marks and result.rows[0].pareto  # nothing beats the original's 0
+    assert result.rows[0].latency is not None and result.rows[0].latency_ratio == 1.0
+
+    calls.clear()
+    tdnn.sweep(net, score, targets=(0.5,), calibration=batches, inputs=[images(8, 7)], latency=False)
+    assert sum(calls) == 2 * len(batches)
+
+
+def test_methods_and_modes_each_collect_what_they_need():
+    net = small_resnet().eval()
+    batches = [images(32, s) for s in range(2)]
+    calls = count_calibration_passes(net, batches)
+    result = tdnn.sweep(net, targets=(0.3, 0.6), calibration=batches, methods=("svd", "tucker2"),
+                        modes=("plain", "data-aware"), inputs=[images(16, 5)], latency=False)
+    # SVD reads a conv's unfolded patches, Tucker-2 its channels: statistics once each; sensitivities once
+    assert sum(calls) == 3 * len(batches)
+    assert [r.label for r in result.rows] == ["original"] + [f"{mode} {method}" for mode in ("plain", "data-aware")
+                                                             for method in ("svd", "tucker2") for _ in (0.3, 0.6)]
+    assert result.metric == "top-1 agreement" and result.rows[0].metric == 1.0
+    calls.clear()
+    tdnn.sweep(net, targets=(0.4, 0.6), calibration=batches, modes=("sequential",), latency=False)
+    assert sum(calls) > 2 * len(batches)  # sequential fits behind compressed layers: its own passes
+
+
+def test_a_transformer_sweep_in_one_pass_with_token_fidelity():
+    model = tiny_llama()
+    batches = [tokens(0), tokens(1, pad=3)]
+    calls = count_calibration_passes(model, batches)
+    result = tdnn.sweep(model, targets=(0.5, 0.7, 0.9), calibration=batches, inputs=[tokens(5, pad=2)])
+    assert sum(calls) == 2 * len(batches)
+    assert result.metric == "top-1 agreement" and result.rows[0].metric == 1.0
+    assert all(0 <= r.metric <= 1 for r in result.rows) and result.rows[1].metric < 1
+    assert [round(r.param_ratio, 1) for r in result.rows] == [1.0, 0.5, 0.7, 0.9]
+
+
+def test_fidelity_is_the_cosine_for_outputs_that_are_not_logits():
+    encoder = tiny_llama().model  # no LM head: last_hidden_state
+    result = tdnn.sweep(encoder, targets=(0.6, 0.8), calibration=[tokens(0)], inputs=[tokens(3)], latency=False)
+    assert result.metric == "cosine to original" and result.rows[0].metric == pytest.approx(1.0)
+    assert all(0 < r.metric < 1 for r in result.rows[1:])
+
+
+def test_layer_errors_measure_each_layer_on_its_own_input():
+    net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4)).double()
+    small = tdnn.compress_model(net, ranks={"0": 8, "2": 16})
+    x = torch.randn(16, 32, dtype=torch.float64)
+    errors = tdnn.layer_errors(net, small, [x, x[:4]])
+    assert sorted(errors) == ["0", "2"]
+    with torch.no_grad():
+        y = net[0](x)
+        assert errors["0"] == pytest.approx(float((y - small[0](x)).norm() / y.norm()))
+        h = small[1](small[0](x))  # layer 2 sees what the compressed layer 0 passes on
+        assert errors["2"] == pytest.approx(float((net[2](h) - small[2](h)).norm() / net[2](h).norm()))
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"targets": ()}, ValueError, "targets must be a non-empty"),
+    ({"targets": (0.5, 1.5)}, ValueError, r"targets: 1.5 is not a fraction"),
+    ({"measure": "bytes"}, ValueError, "measure='bytes'"),
+    ({"modes": ("fast",)}, ValueError, "unknown mode 'fast'"),
+    ({"methods": ("qr",)}, ValueError, "methods: unknown method 'qr'"),
+    ({"calibration": None, "modes": ("data-aware",)}, ValueError, "'data-aware' needs calibration data"),
+    ({"measure": "flops", "modes": ("plain",)}, ValueError, "measure='flops' needs calibration data"),
+    ({"ranks": 0.5}, TypeError, "unexpected option 'ranks'"),
+    ({"calibration": torch.randn(4, 8)}, TypeError, r"for one batch x pass calibration=\[x\]"),
+    ({"calibration": None, "inputs": None}, ValueError, "give inputs="),
+])
+def test_bad_arguments_are_named(kwargs, error, match):
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    with pytest.raises(error, match=match):
+        tdnn.sweep(net, **{"calibration": [torch.randn(8, 8)], **kwargs})
+
+
+def test_evaluate_must_return_a_number():
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    with pytest.raises(TypeError, match="evaluate must return a number, got str"):
+        tdnn.sweep(net, lambda m: "good", targets=(0.5,), calibration=[torch.randn(8, 8)], latency=False)
+
+
+def tiny_resnet():  # the CLI's --model test_sweep:tiny_resnet
+    return small_resnet()
+
+
+def test_cli_sweep_prints_the_table_and_writes_the_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    config = tmp_path / "sweep.yaml"
+    config.write_text('compress:\n  method: tucker2\n  ranks: {conv1: null, fc: null, "re:layer.*": 0.5}\n')
+    plot = tmp_path / "sweep.svg"
+    assert main(["sweep", str(config), "--model", "test_sweep:tiny_resnet", "--data", "digits", "--image-size", "16",
+                 "--targets", "0.3,0.6", "--calibration-batches", "1", "--batch-size", "32", "--latency-batch", "8",
+                 "--plot", str(plot), "--no-progress"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:2] == ["model", "target"] and "pareto" in lines[0]
+    assert [line.split()[0] for line in lines[2:5]] == ["original", "data-aware", "data-aware"]
+    assert "tucker2" in lines[3] and lines[-1] == f"plot written to {plot}"
+    assert plot.read_text().lstrip().startswith("<?xml") and "<svg" in plot.read_text()
+    assert main(["sweep", str(config), "--model", "test_sweep:tiny_resnet", "--methods", "qr"]) == 2
+    assert "unknown method 'qr'" in capsys.readouterr().err

@@ -1,11 +1,19 @@
-"""Compress a torchvision ResNet, fine-tune it, and compare original / compressed / fine-tuned.
+"""Compress a torchvision ResNet the way that keeps its accuracy, and see how much to compress.
 
-With no arguments this runs offline in a few minutes on 2 CPU cores: a ResNet-18 is trained
+With no arguments this runs offline in about two minutes on 2 CPU cores: a ResNet-18 is trained
 briefly on scikit-learn's handwritten digits (1,797 real 8×8 scans, upsampled to 32×32), then
-compressed with configs/resnet18_digits.yaml and fine-tuned with labels plus distillation from the
-original::
 
-    python examples/compress_resnet.py
+1. compressed plainly with configs/resnet18_digits.yaml (Tucker-2 at 30% of each conv's parameters,
+   no data: what ``tdnn compress`` does),
+2. compressed data-aware under a global budget at the same parameter count
+   (``Budget(params=...)`` with 256 calibration images),
+3. swept: plain and data-aware budgets from 10% to 50% of the parameters, one calibration pass
+   for all, each model's top-1 and latency measured (the Pareto plot),
+4. the data-aware model fine-tuned with labels plus distillation from the original,
+
+and writes the sweep's plot and the data-aware model's per-layer plot::
+
+    python examples/compress_resnet.py [--out-dir runs/compress_resnet]
 
 On your own data and weights (torchvision weights download on first use)::
 
@@ -18,14 +26,20 @@ On your own data and weights (torchvision weights download on first use)::
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 import tdnn
 from tdnn import _vision as vision
 from tdnn.latency import latencies
+from tdnn.report import format_table
+from tdnn.sweep import ranks_filter
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -43,6 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                     "--weights or when the classifier was replaced, else 0)")
     p.add_argument("--train-lr", type=float, default=2e-3, help="AdamW learning rate for --train-epochs")
     p.add_argument("--finetune-epochs", type=int, help="override the config's finetune epochs")
+    p.add_argument("--calibration-batches", type=int, default=4, help="training batches to calibrate on")
+    p.add_argument("--targets", default="0.1,0.2,0.5",
+                   help="parameter fractions to sweep (the plain model's fraction is added)")
+    p.add_argument("--out-dir", default="runs/compress_resnet", help="where the plots go")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--image-size", type=int, help="default: 32 for digits/CIFAR, 224 for folders")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for cifar10/folders")
@@ -57,89 +75,118 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def table(rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+def prepare(args: argparse.Namespace) -> tuple[vision.Data, nn.Module]:
+    """The data and the trained original."""
+    data = vision.image_data(args.data, image_size=args.image_size, batch_size=args.batch_size,
+                             workers=args.workers)
+    original = vision.build_model(args.arch, weights=args.weights)
+    replaced = vision.set_num_classes(original, data.num_classes)
+    epochs = args.train_epochs if args.train_epochs is not None else 4 if args.weights is None or replaced else 0
+    print(f"{args.arch} on {data.name} ({len(data.train.dataset)} train / {len(data.test.dataset)} test "
+          f"images, {data.num_classes} classes, {data.image_size}x{data.image_size}), "
+          f"{torch.get_num_threads()} CPU thread(s), config {args.config}")
+    if epochs:
+        print(f"training the original for {epochs} epochs")
+        tdnn.finetune(original, data.train, epochs=epochs, optimizer="adamw", lr=args.train_lr, weight_decay=0.05,
+                      seed=args.seed, progress=not args.quiet)
+    return data, original.eval()
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
+    start = time.perf_counter()
+    return fn(*args, **kwargs), time.perf_counter() - start
+
+
+def compress(args: argparse.Namespace, cfg: tdnn.Config, data: vision.Data, original: nn.Module,
+             x: torch.Tensor) -> dict[str, Any]:
+    """The plain model by the config, the sweep, and the data-aware model at the plain one's size."""
+    plain, plain_s = timed(tdnn.compress_model, original, **cfg.compress)
+    ratio = round(tdnn.report(plain).param_ratio, 4)
+    torch.manual_seed(args.seed)  # the training loader's order: which images calibrate
+    calibration = tdnn.Calibration(images for images, _ in itertools.islice(data.train, args.calibration_batches))
+    method = cfg.compress.get("method", "auto")
+    options = {k: v for k, v in cfg.compress.items() if k not in ("ranks", "method")}
+    if isinstance(cfg.compress.get("ranks"), Mapping):  # the same layers as the config compresses
+        options["filter_fn"] = ranks_filter(cfg.compress["ranks"])
+    targets = sorted({*(float(t) for t in args.targets.split(",")), ratio})
+    swept, sweep_s = timed(tdnn.sweep, original, lambda m: vision.top1(m, data.test), targets=targets,
+                           calibration=calibration, methods=(method,), modes=("plain", "data-aware"), inputs=[x],
+                           metric="top-1", progress=not args.quiet, **options)
+    print(f"sweep: {len(swept.rows) - 1} models in {sweep_s:.0f} s, calibrated once\n{swept}\n")
+    # the same Calibration: its statistics are kept, so this costs no calibration pass
+    aware, aware_s = timed(tdnn.compress_model, original, budget=tdnn.Budget(params=ratio),
+                           calibration=calibration, method=method, **options)
+    images = sum(len(b) for b in calibration)
+    return {"plain": plain, "aware": aware, "sweep": swept, "seconds": {"plain": plain_s, "aware": aware_s},
+            "labels": {"plain": "plain: the config's ranks, no data",
+                       "aware": f"data-aware: Budget(params={ratio}), {images} images"}}
+
+
+def summary(rows: list[tuple[str, nn.Module, float, float | None]], x: torch.Tensor) -> tuple[str, list[float]]:
+    """The table of ``(label, model, top-1, seconds)`` rows, latencies timed interleaved; the latency ratios."""
+    lat = latencies({str(id(m)): m.eval() for _, m, _, _ in rows}, x, warmup=3, repeats=15)
+    ms = [lat[str(id(m))] * 1e3 for _, m, _, _ in rows]
+    reports = [tdnn.report(m, inputs=x[:1]) for _, m, _, _ in rows]
+    ratios = [t / ms[0] for t in ms]
+    lines = [[label, f"{rep.params_after:,}", f"{rep.params_after / reports[0].params_after:.3f}",
+              f"{rep.flops_after / 1e6:,.1f}", f"{t:.1f}", f"{ratio:.3f}", f"{acc:.2%}",
+              "-" if seconds is None else f"{seconds:.0f}"]
+             for (label, _, acc, seconds), rep, t, ratio in zip(rows, reports, ms, ratios)]
+    size = "x".join(map(str, x.shape[1:]))
+    head = ["", "params", "x", f"MFLOPs (1x{size})", f"ms (batch {len(x)}, {torch.get_num_threads()} thr)", "x",
+            "top-1", "time s"]
+    return format_table(head, lines, right=set(range(1, 8))), ratios
+
+
+def plots(out_dir: Path, name: str, made: dict[str, Any], tuned: nn.Module, errors: dict[str, float],
+          x: torch.Tensor) -> None:
+    """The sweep's Pareto plot and the data-aware model's per-layer plot."""
+    sweep_png, layers_png = out_dir / "sweep.png", out_dir / "layers.png"
+    made["sweep"].plot(sweep_png, title=f"{name}: top-1 against size, plain and data-aware budgets")
+    tdnn.report(tuned, inputs=x[:1]).plot(layers_png, errors=errors, title=f"{name}, {made['labels']['aware']}")
+    print(f"plots: {sweep_png} (top-1 against parameters and latency), {layers_png} (per layer)")
+
+
+def deployed(original: nn.Module, tuned: nn.Module, data: vision.Data, x: torch.Tensor) -> None:
+    """Both models in their deployment form (BatchNorm folded, memory layout measured), timed alike."""
+    fast = {name: tdnn.optimize_for_inference(m, x) for name, m in (("original", original), ("tuned", tuned))}
+    lat = latencies(fast, x, warmup=3, repeats=15)
+    form = fast["tuned"].tdnn_inference
+    print(f"deployed (optimize_for_inference: {len(form.folded)} BatchNorms folded, {form.memory_format}): "
+          f"{lat['original'] * 1e3:.1f} ms -> {lat['tuned'] * 1e3:.1f} ms (x{lat['tuned'] / lat['original']:.3f}), "
+          f"top-1 {vision.top1(fast['tuned'], data.test):.2%}")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     cfg = tdnn.load_config(args.config)
-    data = vision.image_data(args.data, image_size=args.image_size, batch_size=args.batch_size,
-                             workers=args.workers)
-    original = vision.build_model(args.arch, weights=args.weights)
-    replaced = vision.set_num_classes(original, data.num_classes)
-    train_epochs = args.train_epochs
-    if train_epochs is None:
-        train_epochs = 4 if args.weights is None or replaced else 0
-    print(f"{args.arch} on {data.name} ({len(data.train.dataset)} train / {len(data.test.dataset)} test "
-          f"images, {data.num_classes} classes, {data.image_size}x{data.image_size}), "
-          f"{torch.get_num_threads()} CPU thread(s), config {args.config}")
-
-    if train_epochs:
-        print(f"training the original for {train_epochs} epochs")
-        tdnn.finetune(original, data.train, epochs=train_epochs, optimizer="adamw", lr=args.train_lr,
-                      weight_decay=0.05,
-                      seed=args.seed, progress=not args.quiet)
-    t = time.perf_counter()
-    acc = {"original": vision.top1(original, data.test)}
-    trained_at = t - start
-
-    t = time.perf_counter()
-    compressed = tdnn.compress_model(original.eval(), **cfg.compress)
-    compress_s = time.perf_counter() - t
-    acc["compressed"] = vision.top1(compressed, data.test)
-    print(f"compressed in {compress_s:.1f} s: top-1 {acc['original']:.2%} -> {acc['compressed']:.2%}")
-
-    tuned = compressed  # fine-tuned in place; its accuracy before is recorded above
-    settings = dict(cfg.finetune)
-    if args.finetune_epochs is not None:
-        settings["epochs"] = args.finetune_epochs
-    t = time.perf_counter()
-    tdnn.finetune(tuned, data.train, teacher=original, eval_fn=vision.top1_fn(data.test),
-                  checkpoint_dir=args.checkpoint_dir, seed=args.seed, progress=not args.quiet, **settings)
-    finetune_s = time.perf_counter() - t
-    acc["fine-tuned"] = vision.top1(tuned, data.test)
-
-    x = next(iter(data.test))[0][: args.latency_batch]
-    rep = tdnn.report(tuned, inputs=x[:1])
-    # deployment form of both (BatchNorm folded, memory layout measured): the like-for-like latency
-    deployed = {name: tdnn.optimize_for_inference(model, x) for name, model in
-                (("original", original), ("compressed", tuned))}
-    lat = latencies({"original": original.eval(), "compressed": tuned.eval(),
-                     **{f"{name} deployed": model for name, model in deployed.items()}}, x, warmup=3, repeats=15)
-    ratio = lat["compressed"] / lat["original"]
-    deployed_ratio = lat["compressed deployed"] / lat["original deployed"]
-    acc["deployed"] = vision.top1(deployed["compressed"], data.test)
-    rows = [("", "original", "compressed", "fine-tuned", "ratio"),
-            ("parameters", f"{rep.params_before:,}", f"{rep.params_after:,}", f"{rep.params_after:,}",
-             f"{rep.param_ratio:.3f}"),
-            (f"MFLOPs (1x3x{data.image_size}x{data.image_size})", f"{rep.flops_before / 1e6:,.1f}",
-             f"{rep.flops_after / 1e6:,.1f}", f"{rep.flops_after / 1e6:,.1f}", f"{rep.flop_ratio:.3f}"),
-            (f"CPU latency, batch {len(x)}, {torch.get_num_threads()} thr (ms)", f"{lat['original'] * 1e3:.1f}",
-             f"{lat['compressed'] * 1e3:.1f}", f"{lat['compressed'] * 1e3:.1f}", f"{ratio:.3f}"),
-            ("  the same, both via optimize_for_inference", f"{lat['original deployed'] * 1e3:.1f}", "",
-             f"{lat['compressed deployed'] * 1e3:.1f}", f"{deployed_ratio:.3f}"),
-            (f"top-1 ({len(data.test.dataset)} test images)", f"{acc['original']:.2%}",
-             f"{acc['compressed']:.2%}", f"{acc['fine-tuned']:.2%}", "")]
-    print()
-    print(table(rows))
-    print(f"\n{len(rep.layers) - sum(r.method is None for r in rep.layers)} of {len(rep.layers)} layers "
-          f"factorized; train {trained_at:.0f} s, compress {compress_s:.0f} s, fine-tune {finetune_s:.0f} s, "
-          f"total {time.perf_counter() - start:.0f} s")
-    form = deployed["compressed"].tdnn_inference
-    print(f"deployed: {len(form.folded)} BatchNorms folded, {form.memory_format} layout, top-1 {acc['deployed']:.2%}")
+    data, original = prepare(args)
+    x = next(iter(data.test))[0][:args.latency_batch]  # timed, and where per-layer errors are measured
+    trained_s = time.perf_counter() - start
+    made = compress(args, cfg, data, original, x)
+    tuned = made["aware"]  # fine-tuned in place; its accuracy before is taken first
+    errors = tdnn.layer_errors(original, tuned, [x])
+    acc = {name: vision.top1(m, data.test) for name, m in (("original", original), ("plain", made["plain"]),
+                                                              ("aware", tuned))}
+    settings = {**cfg.finetune, **({"epochs": args.finetune_epochs} if args.finetune_epochs is not None else {})}
+    _, made["seconds"]["tuned"] = timed(tdnn.finetune, tuned, data.train, teacher=original,
+                                        eval_fn=vision.top1_fn(data.test), checkpoint_dir=args.checkpoint_dir,
+                                        seed=args.seed, progress=not args.quiet, **settings)
+    acc["tuned"] = vision.top1(tuned, data.test)
+    labels = {"original": "original", **made["labels"], "tuned": f"  + fine-tuned ({settings.get('epochs', 1)} epochs)"}
+    models = {"original": original, "plain": made["plain"], "aware": tuned, "tuned": tuned}
+    table, ratios = summary([(labels[k], m, acc[k], made["seconds"].get(k)) for k, m in models.items()], x)
+    print(f"{table}\n")
+    deployed(original, tuned, data, x)
+    plots(Path(args.out_dir), f"{args.arch} on {data.name}", made, tuned, errors, x)
+    print(f"train {trained_s:.0f} s, total {time.perf_counter() - start:.0f} s")
     if args.out:
         tdnn.save(tuned, args.out)
         print(f"saved the fine-tuned model to {args.out} (load with tdnn.load(path, {args.arch}(...)))")
-    return {**acc, "param_ratio": rep.param_ratio, "flop_ratio": rep.flop_ratio, "latency_ratio": ratio,
-            "deployed_latency_ratio": deployed_ratio}
+    return {**acc, "latency_ratio": ratios[-1], "sweep": made["sweep"]}
 
 
 if __name__ == "__main__":

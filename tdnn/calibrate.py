@@ -63,9 +63,9 @@ class InputStats:
         ``mask`` (batch, tokens) the tokens to count (padding is left out).
         Returns this batch's ``(Σ x xᵀ, count)``, for layers reading the same input (:meth:`add`)."""
         vectors = rows(module, x, self.geometry, mask)
-        term = vectors.T @ vectors
+        term = (vectors.T @ vectors).to(torch.float64)
         if reference is not None:
-            self.cross = _add(self.cross, reference.T @ vectors)
+            self.cross = _add(self.cross, (reference.to(vectors.dtype).T @ vectors).to(torch.float64))
         self.add(x, term, vectors.shape[0])
         return term, vectors.shape[0]
 
@@ -84,18 +84,21 @@ class InputStats:
 
 
 def rows(module: nn.Module, x: torch.Tensor, geometry: str, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The float64 vectors ``module``'s weight multiplies in ``x``; with a (batch, tokens) ``mask``
+    """The vectors ``module``'s weight multiplies in ``x`` (float32 or float64); with a (batch, tokens) ``mask``
     of a matrix layer's (batch, tokens, features) input, only the tokens it keeps."""
     kind = registry.kind_of(module)
     x = x.detach()
     if mask is not None and not kind.spatial and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
         x = x[mask.to(x.device)]
-    return kind.vectors(module, x, geometry).to(torch.float64)
+    # products in float32 (float64 for a float64 model) are summed in float64: within a batch the
+    # rounding is far below the damping, and a large layer's Gram costs half the time
+    return kind.vectors(module, x, geometry).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
 
 
 def _add(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
-    # a copy to start with: layers reading one input share the term, and cov divides in place
-    return term.cpu().clone() if total is None else total + term.cpu()
+    # a copy to start with (layers reading one input share the term, and cov divides in place),
+    # then in place: a large layer's Gram is not held twice
+    return term.cpu().clone() if total is None else total.add_(term.cpu())
 
 
 @dataclass
@@ -312,62 +315,88 @@ Runner = Callable[[int, Any], Any]  # (batch index, batch or module) -> output
 MIN_DAMPING = 1e-9  # the ridge damping=0 gets, relative to the mean eigenvalue
 
 
+@dataclass
+class Root:
+    """``R`` with ``R Rᵀ = cov + λI``: a Cholesky factor, or ``None`` when the data carries no signal."""
+
+    chol: torch.Tensor | None
+    ridge: float
+
+
+def square_root(cov: torch.Tensor, damping: float) -> Root:
+    """The damped covariance's Cholesky factor (``λ = damping × mean eigenvalue``, at least 1e-9 of
+    it, so dead units stay invertible). Should rounding make it fail, λ grows tenfold and it tries
+    again: the result is never NaN.
+
+    Raises:
+        ValueError: if no ridge makes the covariance positive definite (it holds NaN or Inf).
+    """
+    diag = cov.diagonal()
+    mean = float(diag.sum()) / cov.shape[0]  # the trace over n: the mean eigenvalue, without one
+    if mean <= torch.finfo(cov.dtype).eps * float(diag.abs().max().clamp_min(1e-300)):
+        return Root(None, 0.0)  # no signal at all: plain truncation
+    ridge, saved = max(damping, MIN_DAMPING) * mean, diag.clone()
+    for _ in range(8):
+        diag.add_(ridge)  # on the diagonal in place: a large covariance is not copied
+        chol, info = torch.linalg.cholesky_ex(cov)
+        diag.copy_(saved)
+        if int(info) == 0 and bool(torch.isfinite(chol).all()):
+            return Root(chol, ridge)
+        ridge *= 10
+    raise ValueError("the input covariance is not positive semi-definite (NaN or Inf in it?)")
+
+
 class Whitening:
     """Maps a weight into the space where plain truncation minimises the output error.
 
     With ``cov + λI = R Rᵀ`` (``cov = E[x xᵀ]``, ``λ = damping × mean eigenvalue`` so a singular
-    covariance stays invertible, ``R`` from an eigendecomposition) and ``D`` the output scale (a
-    following BatchNorm, else the identity), ``‖D (W − W') R‖² = ‖D (W − W') X‖² + λ‖D (W − W')‖²``.
-    Decomposing ``D W R`` and mapping the factors back (:meth:`out_factor`, :meth:`in_factor`)
-    therefore minimises the output error plus ``λ`` times the weight error, so it is never worse
-    on the data than plain truncation; at full rank the round trip is exact.
+    covariance stays invertible, ``R`` its Cholesky factor, :func:`square_root`) and ``D`` the output
+    scale (a following BatchNorm, else the identity), ``‖D (W − W') R‖² = ‖D (W − W') X‖² +
+    λ‖D (W − W')‖²``. Decomposing ``D W R`` and mapping the factors back (:meth:`out_factor`,
+    :meth:`in_factor`) therefore minimises the output error plus ``λ`` times the weight error, so it
+    is never worse on the data than plain truncation; at full rank the round trip is exact.
+
+    Sequential mode (``cross = E[x_ref xᵀ]``): the least-squares target is ``W·M`` with
+    ``M = (cross + λI)(cov + λI)⁻¹``, which maps the inputs the layer now gets to what the original
+    layer computed (the identity when nothing upstream changed); ``W·M·R = W (cross + λI) R⁻ᵀ``.
     """
 
     def __init__(self, cov: torch.Tensor, out_scale: torch.Tensor | None = None, *,
-                 damping: float = 0.01, cross: torch.Tensor | None = None,
-                 eig: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        if eig is None:
-            eig = symmetric_eig(cov)
-        evals, vecs = eig  # of this same cov; only the eigenvectors are kept (n² numbers, once)
-        mean = float(evals.clamp_min(0).mean())
-        if mean <= torch.finfo(evals.dtype).eps * float(evals.abs().max().clamp_min(1e-300)):
-            ridge, shifted = 0.0, torch.ones_like(evals)  # no signal at all: fall back to plain truncation
-        else:
-            # damping=0 still needs an invertible root where the data never goes (dead units)
-            ridge = max(damping, MIN_DAMPING) * mean
-            shifted = evals.clamp_min(0) + ridge              # eigenvalues of cov + λI
-        self.eig, self.vecs, self.scale, self.ridge = eig, vecs, shifted.sqrt(), ridge  # R = Q Λ^½
-        # Sequential mode: the least-squares target is W·M with M = (E[x_ref xᵀ] + λI)(cov + λI)⁻¹,
-        # which maps the inputs this layer now gets to what the original layer computed (and is the
-        # identity when nothing upstream changed). Whitening W·M: M R = (cross + λI) Q Λ^-½.
+                 damping: float = 0.01, cross: torch.Tensor | None = None, root: Root | None = None) -> None:
+        self.root = root if root is not None else square_root(cov, damping)  # root: of this same cov
         self.cross = cross
         if out_scale is not None:  # a dead BN channel (γ = 0) must not divide by zero
-            out_scale = out_scale.clamp_min(max(1e-6 * float(out_scale.max()), torch.finfo(evals.dtype).tiny))
+            out_scale = out_scale.clamp_min(max(1e-6 * float(out_scale.max()), torch.finfo(cov.dtype).tiny))
         self.out_scale = out_scale
         self._damping = damping
 
     def group(self, g: int, groups: int) -> Whitening:
         """The whitening of group ``g`` of a grouped layer (diagonal block of the covariance)."""
-        if groups == 1:
+        if groups == 1 or self.root.chol is None:
             return self
-        evals, vecs = self.eig
-        cov = (vecs * evals) @ vecs.T
-        n, s = cov.shape[0] // groups, None
+        chol = self.root.chol
+        n, s = chol.shape[0] // groups, None
+        block = slice(g * n, (g + 1) * n)
+        cov = chol[block] @ chol[block].T
+        cov.diagonal().sub_(self.root.ridge)
         if self.out_scale is not None:
             m = self.out_scale.shape[0] // groups
             s = self.out_scale[g * m:(g + 1) * m]
-        block = slice(g * n, (g + 1) * n)
         cross = None if self.cross is None else self.cross[block, block]
-        return Whitening(cov[block, block], s, damping=self._damping, cross=cross)
+        return Whitening(cov, s, damping=self._damping, cross=cross)
 
     def whiten(self, weight: torch.Tensor) -> torch.Tensor:
         """``D W R`` (``D W M R`` in sequential mode) for a weight with output mode 0 and input mode 1."""
-        w = weight.movedim(1, -1)                                        # (S, ..., n)
-        if self.cross is None:
-            w = (w @ self.vecs) * self.scale
-        else:
-            w = (w @ self.cross + self.ridge * w) @ self.vecs / self.scale
-        w = w.movedim(-1, 1)
+        w = weight
+        if self.root.chol is not None:
+            moved = weight.movedim(1, -1)                                 # (S, ..., n)
+            flat = moved.reshape(-1, moved.shape[-1])
+            if self.cross is None:
+                flat = flat @ self.root.chol
+            else:
+                target = flat @ self.cross + self.root.ridge * flat
+                flat = torch.linalg.solve_triangular(self.root.chol, target.T, upper=False).T
+            w = flat.reshape(moved.shape).movedim(-1, 1)
         if self.out_scale is not None:
             w = w * self.out_scale.reshape(-1, *([1] * (w.dim() - 1)))
         return w
@@ -377,16 +406,7 @@ class Whitening:
         return factor if self.out_scale is None else factor / self.out_scale[:, None]
 
     def in_factor(self, factor: torch.Tensor) -> torch.Tensor:
-        """Map a whitened input factor ``(n, r)`` back: ``R⁻ᵀ V = Q Λ^-½ V``."""
-        return self.vecs @ (factor / self.scale[:, None])
-
-
-def symmetric_eig(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues and eigenvectors of a covariance; should LAPACK fail to converge (an
-    ill-conditioned matrix), once more, symmetrised, with a ridge of 1e-12 of the trace: never NaN."""
-    try:
-        return torch.linalg.eigh(cov)  # reads one triangle: a covariance needs no symmetrised copy
-    except torch.linalg.LinAlgError:
-        sym = (cov + cov.T) / 2
-        ridge = 1e-12 * float(sym.diagonal().abs().sum().clamp_min(1e-300))
-        return torch.linalg.eigh(sym + ridge * torch.eye(sym.shape[0], dtype=sym.dtype))
+        """Map a whitened input factor ``(n, r)`` back: ``R⁻ᵀ V``."""
+        if self.root.chol is None:
+            return factor
+        return torch.linalg.solve_triangular(self.root.chol.T, factor, upper=True)

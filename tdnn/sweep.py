@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -71,8 +72,8 @@ class SweepPoint:
 
     @property
     def label(self) -> str:
-        """``"original"``, else mode and method, e.g. ``"data-aware tucker2"``."""
-        return self.mode if self.method is None else f"{self.mode} {self.method}"
+        """The mode, and the method unless ``"auto"``: ``"original"``, ``"plain"``, ``"data-aware tucker2"``."""
+        return self.mode if self.method in (None, "auto") else f"{self.mode} {self.method}"
 
     def cost(self, cost: str) -> float | None:
         """The ratio to the original by ``"params"``, ``"flops"`` or ``"latency"``."""
@@ -103,14 +104,35 @@ def pareto_mask(costs: Sequence[float], values: Sequence[float], *, maximize: bo
 class Sweep:
     """What :func:`sweep` measured: one :class:`SweepPoint` per model, the original first.
 
-    ``str(sweep)`` is a table (``*`` marks the Pareto front), :meth:`plot` draws it and
-    :meth:`cheapest` picks the smallest model that reaches a metric.
+    The rows are marked (``pareto``) when the sweep is made; ``str(sweep)`` is a table (``*``
+    marks the Pareto front), :meth:`plot` draws it and :meth:`cheapest` picks the smallest model
+    that reaches a metric.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> rows = [SweepPoint("original", None, None, 100, 1.0, None, None, None, None, 0.95)]
+        >>> rows += [SweepPoint("data-aware", "auto", t, int(100 * t), t, None, None, None, None, m)
+        ...          for t, m in ((0.2, 0.90), (0.5, 0.96), (0.7, 0.96))]
+        >>> result = Sweep(tuple(rows), "top-1")
+        >>> [r.target for r in result.pareto], result.cheapest(0.95).target
+        ([0.2, 0.5], 0.5)
+        >>> figure = result.plot(pathlib.Path(tempfile.mkdtemp()) / "sweep.svg")
+        >>> [line.get_label() for line in figure.axes[0].get_lines()]
+        ['data-aware', 'original', 'Pareto front']
     """
 
     rows: tuple[SweepPoint, ...]
     metric: str = "metric"
     maximize: bool = True
     measure: str = "params"
+
+    def __post_init__(self) -> None:
+        if self.measure not in MEASURES:
+            raise ValueError(f"measure={self.measure!r}: choose one of {', '.join(MEASURES)}")
+        costs = [math.nan if r.cost(self.measure) is None else r.cost(self.measure) for r in self.rows]
+        mask = pareto_mask(costs, [r.metric for r in self.rows], maximize=self.maximize)
+        marked = [r if r.pareto == m else SweepPoint(**{**asdict(r), "pareto": m}) for r, m in zip(self.rows, mask)]
+        object.__setattr__(self, "rows", tuple(marked))  # frozen: set once, here
 
     @property
     def pareto(self) -> tuple[SweepPoint, ...]:
@@ -137,6 +159,7 @@ class Sweep:
         return min(good, key=lambda r: r.cost(self.measure), default=None)
 
     def to_dict(self) -> dict[str, Any]:
+        """The sweep as plain data (for JSON): its settings and every row with its label."""
         return {"metric": self.metric, "maximize": self.maximize, "measure": self.measure,
                 "rows": [{**asdict(r), "label": r.label} for r in self.rows]}
 
@@ -149,7 +172,7 @@ class Sweep:
         return plot_sweep(self, path, title=title, dpi=dpi)
 
     def __str__(self) -> str:
-        head = ["model", "target", "params", "x", "MFLOPs", "x", "latency ms", "x", self.metric,
+        head = ["model", "target", "params", "x", "MFLOPs/batch", "x", "ms/batch", "x", self.metric,
                 "compress s", "pareto"]
         rows = [[r.label, "-" if r.target is None else f"{r.target:g}", f"{r.params:,}", f"{r.param_ratio:.3f}",
                  _num(r.flops, 1e-6), _num(r.flop_ratio, 1, ".3f"), _num(r.latency, 1e3),
@@ -245,7 +268,14 @@ class _Run:
 
     def __post_init__(self) -> None:
         self.params = sum(p.numel() for p in self.original.parameters())
-        self.flops = None if self.probe is None else model_flops(self.original, self.probe)
+        self.flops = self.count_flops(self.original)
+
+    def count_flops(self, model: nn.Module) -> int | None:
+        """FLOPs on the probe batch, in eval mode (a forward in train mode would move BatchNorm statistics)."""
+        if self.probe is None:
+            return None
+        with temporary.modes({model: False}):
+            return model_flops(model, self.probe)
 
     def compress(self, mode: str, method: str, target: float) -> tuple[nn.Module, float]:
         start = time.perf_counter()
@@ -257,7 +287,7 @@ class _Run:
     def point(self, model: nn.Module, mode: str, method: str | None, target: float | None,
               seconds: float) -> SweepPoint:
         params = sum(p.numel() for p in model.parameters())
-        flops = None if self.probe is None else model_flops(model, self.probe)
+        flops = self.count_flops(model)
         latency = ratio = None
         if self.timed and model is not self.original:
             with temporary.modes({self.original: False, model: False}):
@@ -275,9 +305,9 @@ class _Run:
 
 
 def _metric(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            return float(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"evaluate must return a number, got {type(value).__name__} {value!r}")
     return float(value)
 
@@ -394,14 +424,8 @@ def sweep(model: nn.Module, evaluate: Evaluate | None = None, *, targets: Sequen
         small, seconds = run.compress(mode, method, target)
         points.append(run.point(small, mode, method, target, seconds))
         del small
-    rows = [run.original_point(_metric(judge(model))), *points]
-    mask = pareto_mask([r.cost(measure) for r in rows], [r.metric for r in rows], maximize=maximize)
     name = metric or (judge.name if isinstance(judge, _Fidelity) else _name(evaluate))
-    return Sweep(tuple(_marked(r, m) for r, m in zip(rows, mask)), name, maximize, measure)
-
-
-def _marked(row: SweepPoint, pareto: bool) -> SweepPoint:
-    return row if row.pareto == pareto else SweepPoint(**{**asdict(row), "pareto": pareto})
+    return Sweep((run.original_point(_metric(judge(model))), *points), name, maximize, measure)
 
 
 def _name(fn: Callable[..., Any]) -> str:

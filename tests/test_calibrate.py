@@ -207,7 +207,7 @@ class _QKV(nn.Module):
 def test_layers_reading_one_input_share_its_statistics(monkeypatch):
     calls = {"vectors": 0, "eigh": 0}
     kind = tdnn.registry.kind_of(nn.Linear(1, 1))
-    vectors, eigh = kind.vectors, calibrate.symmetric_eig
+    vectors, eigh = kind.vectors, calibrate.square_root
 
     def counting_vectors(*args):
         calls["vectors"] += 1
@@ -227,9 +227,9 @@ def test_layers_reading_one_input_share_its_statistics(monkeypatch):
     expected = sum(b.T @ b for b in batches)
     torch.testing.assert_close(stats["q"].gram, expected, rtol=1e-12, atol=1e-9)
     torch.testing.assert_close(stats["twice"].gram, 4 * expected, rtol=1e-12, atol=1e-9)
-    monkeypatch.setattr(calibrate, "symmetric_eig", counting_eigh)
+    monkeypatch.setattr(calibrate, "square_root", counting_eigh)
     small = tdnn.compress_model(net, ranks=4, calibration=[b.clone() for b in batches])
-    assert calls["eigh"] == 3  # q/k/v share one eigendecomposition, out and twice have their own
+    assert calls["eigh"] == 3  # q/k/v share one square root of the covariance, out and twice have their own
     alone = calibrate.Whitening(stats["v"].cov, damping=0.01)
     torch.testing.assert_close(small.v.first.weight.double(),
                                tdnn.SVDLinear.from_dense(net.v, 4, whitening=alone).first.weight.double())

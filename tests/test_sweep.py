@@ -1,7 +1,6 @@
 """tdnn.sweep: budgets in one calibration pass, the Pareto front, fidelity, layer errors, `tdnn sweep`."""
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +11,6 @@ from tdnn.cli import main
 from tdnn.sweep import SweepPoint, pareto_mask
 from test_cli import small_resnet  # pytest puts tests/ on sys.path
 
-ROOT = Path(__file__).resolve().parent.parent
 TARGETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.8)
 
 
@@ -56,17 +54,17 @@ def test_pareto_mask_on_a_constructed_example():
     assert pareto_mask([1, 2, 3], [3.0, 1.0, 2.0], maximize=False) == [True, True, False]
 
 
-def point(mode, target, params, metric, **kw):
+def point(mode, target, params, metric, latency, pareto=False):
     return SweepPoint(mode, None if mode == "original" else "auto", target, params, params / 100, None, None,
-                      kw.get("latency"), kw.get("latency_ratio"), metric, pareto=kw.get("pareto", False))
+                      latency / 1e3, latency, metric, pareto=pareto)
 
 
-def test_front_and_cheapest_choose_from_the_rows():
-    rows = (point("original", None, 100, 0.99, latency=1.0, latency_ratio=1.0),
-            point("data-aware", 0.3, 30, 0.97, latency=0.8, latency_ratio=0.8, pareto=True),
-            point("data-aware", 0.5, 50, 0.99, latency=0.6, latency_ratio=0.6, pareto=True),
-            point("data-aware", 0.1, 10, 0.50, latency=0.9, latency_ratio=0.9, pareto=True))
+def test_the_sweep_marks_its_rows_and_chooses_from_them():
+    rows = (point("original", None, 100, 0.99, 1.0, pareto=True),  # marks are the sweep's to set
+            point("data-aware", 0.3, 30, 0.97, 0.8), point("data-aware", 0.5, 50, 0.99, 0.6),
+            point("data-aware", 0.1, 10, 0.50, 0.9))
     result = tdnn.Sweep(rows, "top-1")
+    assert [r.pareto for r in result.rows] == [False, True, True, True]
     assert [r.target for r in result.pareto] == [0.1, 0.3, 0.5]  # cheapest first
     assert [r.target for r in result.front("latency")] == [0.5]  # fastest and best at once
     assert result.cheapest(0.95).target == 0.3 and result.cheapest(0.999) is None
@@ -104,6 +102,13 @@ def test_a_six_point_sweep_costs_one_calibration_pass():
     calls.clear()
     tdnn.sweep(net, score, targets=(0.5,), calibration=batches, inputs=[images(8, 7)], latency=False)
     assert sum(calls) == 2 * len(batches)
+
+
+def test_the_original_is_left_as_it_was():
+    net = small_resnet().train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    tdnn.sweep(net, targets=(0.5,), calibration=[images(16, 0)], inputs=[images(8, 1)])
+    assert net.training and all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
 
 
 def test_methods_and_modes_each_collect_what_they_need():
@@ -146,6 +151,7 @@ def test_layer_errors_measure_each_layer_on_its_own_input():
     x = torch.randn(16, 32, dtype=torch.float64)
     errors = tdnn.layer_errors(net, small, [x, x[:4]])
     assert sorted(errors) == ["0", "2"]
+    x = torch.cat([x, x[:4]])  # the errors sum over both batches
     with torch.no_grad():
         y = net[0](x)
         assert errors["0"] == pytest.approx(float((y - small[0](x)).norm() / y.norm()))
@@ -196,3 +202,11 @@ def test_cli_sweep_prints_the_table_and_writes_the_plot(tmp_path, capsys):
     assert plot.read_text().lstrip().startswith("<?xml") and "<svg" in plot.read_text()
     assert main(["sweep", str(config), "--model", "test_sweep:tiny_resnet", "--methods", "qr"]) == 2
     assert "unknown method 'qr'" in capsys.readouterr().err
+
+
+def test_cli_sweep_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", "--help"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("usage: tdnn sweep") and "--targets" in printed and "--plot" in printed

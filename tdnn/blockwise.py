@@ -110,10 +110,11 @@ def _hidden(args: tuple, kwargs: dict) -> tuple[int | str, torch.Tensor]:
 
 @torch.no_grad()
 def capture(model: nn.Module, names: list[str], batches: list[Any], *,
-            hooks: Sequence[Any] = ()) -> Chain:
+            glue: dict[str, tuple[nn.Module, str]] | None = None) -> tuple[Chain, dict[str, calibrate.InputStats]]:
     """Run ``model`` once per batch and record what each named block is called with; check that
-    each block takes the previous one's output. ``hooks`` (handles of statistics hooks on layers
-    outside the blocks) are removed afterwards.
+    each block takes the previous one's output. The same pass collects the statistics of the
+    ``glue`` layers (outside the blocks: name -> (module, geometry)); without any, it stops after
+    the last block.
 
     Raises:
         ValueError: if a block is not called exactly once per forward, or not on the previous
@@ -121,7 +122,7 @@ def capture(model: nn.Module, names: list[str], batches: list[Any], *,
     """
     masks = [batch_mask(b) for b in batches]
     if not names:
-        return Chain([Segment("")], list(batches), masks)
+        return Chain([Segment("")], list(batches), masks), {}
     segments, inputs, last = [Segment(n) for n in names], [], {}
     blocks = [model.get_submodule(n) for n in names]
 
@@ -142,26 +143,33 @@ def capture(model: nn.Module, names: list[str], batches: list[Any], *,
     def post(i: int) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             last[i] = first_tensor(output)
-            if i == len(blocks) - 1:
+            if i == len(blocks) - 1 and not glue:
                 raise _Stop  # the rest of the model (an LM head: large logits) is not needed
         return hook
 
-    handles = [*hooks]
+    def one(b: int, batch: Any) -> None:
+        last.clear()
+        try:
+            calibrate.run(model, batch, b)
+        except _Stop:
+            pass
+        for i, segment in enumerate(segments):
+            if len(segment.calls) != b + 1:
+                raise ValueError(f"blocks: {names[i]} ran {len(segment.calls) - b} times on calibration "
+                                 f"batch {b}; a block must run once per forward")
+
+    handles = []
     for i, block in enumerate(blocks):
         handles.append(block.register_forward_pre_hook(pre(i), with_kwargs=True))
         handles.append(block.register_forward_hook(post(i), with_kwargs=True))
     with temporary.hooks(handles), temporary.modes({model: False}), _no_cache(model):
-        for b, batch in enumerate(batches):
-            last.clear()
-            try:
-                calibrate.run(model, batch, b)
-            except _Stop:
-                pass
-            for i, segment in enumerate(segments):
-                if len(segment.calls) != b + 1:
-                    raise ValueError(f"blocks: {names[i]} ran {len(segment.calls) - b} times on calibration "
-                                     f"batch {b}; a block must run once per forward")
-    return Chain(segments, inputs, masks)
+        if glue:
+            stats = calibrate.collect(model, batches, glue, runner=one, masks=masks)
+        else:
+            stats = {}
+            for b, batch in enumerate(batches):
+                one(b, batch)
+    return Chain(segments, inputs, masks), stats
 
 
 class _no_cache:
@@ -322,11 +330,11 @@ class Runs:
         if not cache.keep or sequential:
             self._passes(swap, factorize, sequential)
             return
-        stats = {n: cache.lookup(cache.stats, n, self.layers[n][0]) for n in self.selected}
+        stats = {n: cache.lookup(cache.stats, n, *self.layers[n]) for n in self.selected}
         if any(s is None for s in stats.values()):
             def collected(name: str, value: calibrate.InputStats) -> None:
                 stats[name] = value
-                cache.store(cache.stats, name, self.layers[name][0], value)
+                cache.store(cache.stats, name, self.layers[name][0], value, self.layers[name][1])
 
             keep = self.selected
             self.selected = list(self.layers)  # every layer, so that later calls find theirs too
@@ -339,12 +347,9 @@ class Runs:
                 swap(old, new)
 
     def _passes(self, swap: Swap, factorize: Factorize, sequential: bool) -> None:
-        if self._glue_stats is None:  # on the dense model, before anything is swapped
+        if self._chain is None:  # on the dense model, before anything is swapped
             glue = {n: self.layers[n] for n in self.glue}
-            masks = [batch_mask(b) for b in self.batches]
-            self._glue_stats = calibrate.collect(self.model, self.batches, glue, masks=masks) if glue else {}
-        if self._chain is None:
-            self._chain = capture(self.model, self.names, self.batches)
+            self._chain, self._glue_stats = capture(self.model, self.names, self.batches, glue=glue)
         segments = {b: [n for n in members if n in self.selected] for b, members in self.inside.items()}
         BlockCompressor(swap.model, self._chain, segments, factorize=factorize, swap=swap,
                         geometry=lambda n: self.layers[n][1], sequential=sequential, reference=self.reference,

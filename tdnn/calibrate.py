@@ -213,18 +213,20 @@ class Calibration:
         return len(self.batches)
 
     @staticmethod
-    def _mark(module: nn.Module) -> tuple:
+    def _mark(module: nn.Module, how: str) -> tuple:
         w = module.weight.detach()
-        return tuple(w.shape), str(w.dtype), float(w.double().sum()), float(w.double().square().sum())
+        return tuple(w.shape), str(w.dtype), float(w.double().sum()), float(w.double().square().sum()), how
 
-    def lookup(self, table: dict[str, tuple[tuple, Any]], name: str, module: nn.Module) -> Any:
-        """``name``'s entry in ``table`` (``stats`` or ``fisher``) if kept for this very weight, else ``None``."""
+    def lookup(self, table: dict[str, tuple[tuple, Any]], name: str, module: nn.Module, how: str = "") -> Any:
+        """``name``'s entry in ``table`` (``stats`` or ``fisher``) if kept for this very weight (and
+        the same geometry ``how`` of its inputs), else ``None``."""
         entry = table.get(name)
-        return entry[1] if entry is not None and entry[0] == self._mark(module) else None
+        return entry[1] if entry is not None and entry[0] == self._mark(module, how) else None
 
-    def store(self, table: dict[str, tuple[tuple, Any]], name: str, module: nn.Module, value: Any) -> None:
+    def store(self, table: dict[str, tuple[tuple, Any]], name: str, module: nn.Module, value: Any,
+              how: str = "") -> None:
         if self.keep:
-            table[name] = (self._mark(module), value)
+            table[name] = (self._mark(module, how), value)
 
 
 @torch.no_grad()

@@ -31,6 +31,8 @@ def _why_not(name: str, module: nn.Module, parent: nn.Module | None, ties: dict[
     """Reasons that hold whatever the rank: modules that must stay as they are."""
     if isinstance(parent, nn.MultiheadAttention) and module is parent.out_proj:
         return "nn.MultiheadAttention reads out_proj.weight directly and never calls it"
+    if isinstance(parent, nn.TransformerEncoderLayer) and module in (parent.linear1, parent.linear2):
+        return "nn.TransformerEncoderLayer's inference fast path reads linear1.weight and linear2.weight directly"
     base = registry.kind_of(module).dense_type
     if type(module).forward is not base.forward:
         return f"{type(module).__name__} overrides forward; its behaviour is not a plain {base.__name__}"

@@ -12,14 +12,14 @@ weighs each layer's discarded (whitened) spectral energy by.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from tdnn import calibrate, registry, temporary
-from tdnn.batches import batch_mask
+from tdnn.batches import batch_mask, batch_size, map_tensors
 
 SEED = 0
 
@@ -92,7 +92,7 @@ def _accumulate(model: nn.Module, batches: Sequence[Any], outputs: list[tuple[st
                 total: dict[str, float], generator: torch.Generator, handles: list[Any]) -> None:
     """Σ g² per layer over ``batches``: one forward and one backward each."""
     with temporary.hooks(handles), temporary.modes({model: False}), torch.enable_grad():
-        for i, batch in enumerate(batches):
+        for i, batch in _samples(batches):
             outputs.clear()
             z, logits = output_of(calibrate.run(model, batch, i))
             if not z.requires_grad:
@@ -103,6 +103,15 @@ def _accumulate(model: nn.Module, batches: Sequence[Any], outputs: list[tuple[st
             for (name, _), g in zip(outputs, grads):
                 if g is not None:
                     total[name] += float(g.double().square().sum())
+
+
+def _samples(batches: Sequence[Any]) -> Iterator[tuple[int, Any]]:
+    """Each batch one sample at a time (``(index, sample)``): the sums are the same, and the graph a
+    backward pass keeps is one sample's, not a batch's (a whole batch's logits and activations)."""
+    for i, batch in enumerate(batches):
+        n = batch_size(batch)
+        for j in range(n):
+            yield i, map_tensors(batch, lambda t: t[j:j + 1] if t.dim() and t.shape[0] == n else t)
 
 
 def _out_channels(layer: nn.Module) -> int:

@@ -239,25 +239,26 @@ def test_a_kept_calibration_serves_a_sweep_with_one_pass():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(16, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(), nn.Linear(48, 4)).double().eval()
     calls = []
-    net.register_forward_hook(lambda m, a, out: calls.append(1))
+    net.register_forward_hook(lambda m, a, out: calls.append(a[0].shape[0]))  # samples through the model
     batches = [correlated(64, 16, seed=s) for s in range(2)]
     data = tdnn.Calibration(batches)
     swept = [tdnn.compress_model(net, budget=tdnn.Budget(params=p), calibration=data) for p in (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)]
-    once = len(calls)
+    once = sum(calls)
     calls.clear()
     tdnn.compress_model(net, budget=tdnn.Budget(params=0.5), calibration=batches)
     # all six: one pass for the sensitivities, one for the statistics; a single uncached call also
     # surveys the spectra and then factorizes, one pass each
-    assert once == 2 * len(batches) and len(calls) == 3 * len(batches)
+    samples = sum(b.shape[0] for b in batches)
+    assert once == 2 * samples and sum(calls) == 3 * samples
     fresh = tdnn.compress_model(net, budget=tdnn.Budget(params=0.5), calibration=batches)
     x = correlated(32, 16, seed=9)
     with torch.no_grad():
         torch.testing.assert_close(swept[3](x), fresh(x))  # the same model as without the cache
     other = nn.Sequential(nn.Linear(16, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(), nn.Linear(48, 4)).double().eval()
-    other.register_forward_hook(lambda m, a, out: calls.append(1))
+    other.register_forward_hook(lambda m, a, out: calls.append(a[0].shape[0]))
     calls.clear()
     tdnn.compress_model(other, budget=tdnn.Budget(params=0.5), calibration=data)
-    assert len(calls) == 2 * len(batches)  # other weights: collected again, not reused
+    assert sum(calls) == 2 * samples  # other weights: collected again, not reused
 
 
 def test_layers_sharing_one_batch_keep_their_own_statistics():
@@ -268,3 +269,17 @@ def test_layers_sharing_one_batch_keep_their_own_statistics():
     expected = (x.T @ x) / 64
     for name in ("q", "k", "v"):  # reading one covariance (divided in place) leaves the others alone
         torch.testing.assert_close(stats[name].cov, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_kept_calibration_serves_methods_that_read_inputs_differently():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(16 * 8 * 8, 10)).eval()
+    batches = [torch.randn(32, 3, 8, 8)]
+    data = tdnn.Calibration(batches)
+    tdnn.compress_model(net, budget=tdnn.Budget(params=0.5), calibration=data, method="tucker2")  # channels
+    svd = tdnn.compress_model(net, budget=tdnn.Budget(params=0.5), calibration=data, method="svd")  # patches
+    fresh = tdnn.compress_model(net, budget=tdnn.Budget(params=0.5), calibration=batches, method="svd")
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(svd(x), fresh(x))

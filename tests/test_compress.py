@@ -276,3 +276,13 @@ def test_uncopyable_model_gets_a_clear_error():
         legacy = nn.utils.weight_norm(nn.Linear(16, 16))  # its weight cannot be deep-copied
     with pytest.raises(ValueError, match="cannot copy Sequential .* pass inplace=True"):
         tdnn.compress_model(nn.Sequential(legacy, nn.Linear(16, 16)), ranks=4)
+
+
+def test_transformer_encoder_layers_keep_their_fast_path_layers_dense():
+    torch.manual_seed(0)
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2).eval()
+    small = tdnn.compress_model(model, ranks=0.5)
+    plan = small.tdnn_plan
+    assert "fast path reads linear1.weight" in plan["layers.0.linear1"].reason
+    with torch.no_grad():  # eval mode takes the fused fast path, which reads the weights directly
+        assert small(torch.randn(2, 5, 32)).shape == (2, 5, 32)

@@ -46,6 +46,8 @@ class InputStats:
     out_scale: torch.Tensor | None = None
     cross: torch.Tensor | None = None
     normalized: bool = False  # gram already divided by count (see cov)
+    same_as: InputStats | None = None  # a layer whose inputs were exactly these, batch by batch
+    roots: dict[float, Root] = field(default_factory=dict)  # damping -> square root of the covariance
 
     @property
     def cov(self) -> torch.Tensor:
@@ -63,24 +65,34 @@ class InputStats:
         ``mask`` (batch, tokens) the tokens to count (padding is left out).
         Returns this batch's ``(Σ x xᵀ, count)``, for layers reading the same input (:meth:`add`)."""
         vectors = rows(module, x, self.geometry, mask)
-        term = (vectors.T @ vectors).to(torch.float64)
+        term = vectors.T @ vectors
         if reference is not None:
-            self.cross = _add(self.cross, (reference.to(vectors.dtype).T @ vectors).to(torch.float64))
+            self.cross = _add(self.cross, reference.to(vectors.dtype).T @ vectors)
         self.add(x, term, vectors.shape[0])
         return term, vectors.shape[0]
 
-    def add(self, x: torch.Tensor, term: torch.Tensor, count: int) -> None:
-        """Add a batch whose ``Σ x xᵀ`` is already known."""
+    def add(self, x: torch.Tensor, term: torch.Tensor, count: int, source: InputStats | None = None) -> None:
+        """Add a batch whose ``Σ x xᵀ`` is already known: computed for ``source``'s layer, which
+        reads the very same input (then, if every batch came from it, ``same_as`` is ``source``)."""
         if self.normalized:
             raise RuntimeError("statistics already read as a covariance cannot take more data")
         if self.input_shape is None:
             self.input_shape = tuple(x.shape)
+        self.same_as = source if self.count == 0 or source is self.same_as else None
         self.gram = _add(self.gram, term)
         self.count += count
 
     @property
     def cross_cov(self) -> torch.Tensor | None:
         return None if self.cross is None else self.cross / self.count
+
+    def root(self, damping: float) -> Root:
+        """:func:`square_root` of the covariance, computed once per damping (and once for all the
+        layers that read the very same inputs: Q, K and V)."""
+        owner = self.same_as or self
+        if damping not in owner.roots:
+            owner.roots[damping] = square_root(owner.cov, damping)
+        return owner.roots[damping]
 
 
 def rows(module: nn.Module, x: torch.Tensor, geometry: str, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -96,9 +108,11 @@ def rows(module: nn.Module, x: torch.Tensor, geometry: str, mask: torch.Tensor |
 
 
 def _add(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
-    # a copy to start with (layers reading one input share the term, and cov divides in place),
-    # then in place: a large layer's Gram is not held twice
-    return term.cpu().clone() if total is None else total.add_(term.cpu())
+    """``total + term`` summed in float64: a new tensor to start with (layers reading one input share
+    the term, and cov divides in place), then in place, so that a large layer's Gram is held once."""
+    if total is None:
+        return term.to(dtype=torch.float64, device="cpu", copy=True)
+    return total.add_(term.to("cpu"))
 
 
 @dataclass
@@ -109,7 +123,7 @@ class _Tracker:
     modules: dict[str, nn.Module]
     outputs: dict[str, Any] = field(default_factory=dict)  # name -> weakref to the latest output
     mask: torch.Tensor | None = None  # this batch's tokens to count
-    # vectors key -> (weakref to an input, its version, Σ x xᵀ, count), this batch:
+    # vectors key -> (weakref to an input, its version, Σ x xᵀ, count, whose), this batch:
     # layers reading the very same tensor the same way (Q, K, V) compute the product once
     terms: dict[tuple, tuple[Any, int, torch.Tensor, int]] = field(default_factory=dict)
 
@@ -135,7 +149,7 @@ class _Tracker:
             if seen is not None and seen[0]() is x and seen[1] == x._version:
                 stats.add(x, *seen[2:])
             else:
-                self.terms[key] = (weakref.ref(x), x._version, *stats.update(module, x, mask=self.mask))
+                self.terms[key] = (weakref.ref(x), x._version, *stats.update(module, x, mask=self.mask), stats)
         return hook
 
     def _post(self, name: str):

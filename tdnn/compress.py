@@ -222,13 +222,8 @@ def _data_aware(model: nn.Module, chosen: list[_Job], calibration: Any, swap: _S
     jobs = {l.name: l for l in chosen}
     runs = blockwise.Runs(model, {n: (l.module, l.cls.geometry) for n, l in jobs.items()}, calibration,
                           blocks=blocks, reference=reference, progress=progress)
-    last: list[tuple[torch.Tensor, Any]] = []  # the last layer's (cov, root): Q, K and V share theirs
-
     def whitening(stats: calibrate.InputStats) -> Whitening:
-        cov = stats.cov
-        if not (last and last[0][0].shape == cov.shape and torch.equal(last[0][0], cov)):
-            last[:] = [(cov, calibrate.square_root(cov, damping))]
-        return Whitening(cov, stats.out_scale, damping=damping, cross=stats.cross_cov, root=last[0][1])
+        return Whitening(stats.cov, stats.out_scale, damping=damping, cross=stats.cross_cov, root=stats.root(damping))
 
     if budget is not None or any(isinstance(l.rank_spec, Energy) for l in chosen):
         def survey(name: str, stats: calibrate.InputStats) -> None:

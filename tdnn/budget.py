@@ -14,6 +14,7 @@ from tdnn.layers.base import Factorized
 from tdnn.ranks import rank_levels
 
 LEVELS = 128  # candidate ranks per layer; steps of <1% of a layer keep the total within 1%
+TIMED_LEVELS = 8  # for a latency budget, ranks whose latency is measured per layer
 
 
 @dataclass(frozen=True)
@@ -31,23 +32,29 @@ class Budget:
         params: fraction of the model's parameters to keep, in ``(0, 1]``.
         flops: fraction of the model's FLOPs to keep, in ``(0, 1]`` (needs calibration data,
             which fixes the input size).
+        latency: fraction of the model's latency to keep, in ``(0, 1]``, measured on the current
+            device at the first calibration batch's size (so calibrate with batches shaped as you
+            will serve): each layer's latency dense and at a few ranks, timed once per process and
+            cached; the estimate is the sum over layers plus the rest of the model.
         sensitivity: weigh each layer's output error by its measured effect on the model's output
             (with calibration data); ``False`` weighs every layer's relative error alike.
 
     Example:
         >>> import tdnn
         >>> tdnn.Budget(params=0.5)
-        Budget(params=0.5, flops=None, sensitivity=True)
+        Budget(params=0.5, flops=None, latency=None, sensitivity=True)
     """
 
     params: float | None = None
     flops: float | None = None
+    latency: float | None = None
     sensitivity: bool = True
 
     def __post_init__(self) -> None:
-        given = [(k, v) for k, v in (("params", self.params), ("flops", self.flops)) if v is not None]
+        given = [(k, v) for k, v in (("params", self.params), ("flops", self.flops), ("latency", self.latency))
+                 if v is not None]
         if len(given) != 1:
-            raise ValueError("Budget: give exactly one of params= or flops=")
+            raise ValueError("Budget: give exactly one of params=, flops= or latency=")
         key, value = given[0]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < value <= 1.0):
             raise ValueError(f"Budget: {key}={value!r} must be a fraction in (0, 1]")
@@ -56,11 +63,11 @@ class Budget:
 
     @property
     def measure(self) -> str:
-        return "params" if self.params is not None else "flops"
+        return next(k for k in ("params", "flops", "latency") if getattr(self, k) is not None)
 
     @property
     def fraction(self) -> float:
-        return float(self.params if self.params is not None else self.flops)
+        return float(getattr(self, self.measure))
 
 
 # A layer offered to the budget: the dense module, its factorized class, the spectra of its
@@ -75,13 +82,21 @@ def _options(offer: Offer, measure: str, multiple: int) -> list[tuple[int, float
     step = max(1, len(levels) // LEVELS)
     picks = levels[::step] if levels[-1] in levels[::step] else [*levels[::step], levels[-1]]
     dense = layer_cost(measure, layer, input_shape=input_shape)
+    costs = _latencies(layer, cls, picks, input_shape) if measure == "latency" else \
+        [layer_cost(measure, layer, cls, rank, input_shape) for rank in picks]
     options = []
-    for rank in picks:
-        cost = layer_cost(measure, layer, cls, rank, input_shape)
+    for rank, cost in zip(picks, costs):
         if cost < dense:
             options.append((cost, weight * cls.estimate_error(spectra, rank), rank))
     options.append((dense, 0.0, None))
     return options
+
+
+def _latencies(layer: nn.Module, cls: type[Factorized], picks: list[Any], input_shape: Any) -> list[float]:
+    """Seconds per call at each of ``picks``: TIMED_LEVELS of them timed, the others interpolated."""
+    timed = sorted({round(i * (len(picks) - 1) / (TIMED_LEVELS - 1)) for i in range(TIMED_LEVELS)})
+    seconds = [layer_cost("latency", layer, cls, picks[i], input_shape) for i in timed]
+    return [float(np.interp(i, timed, seconds)) for i in range(len(picks))]
 
 
 def allocate(offers: list[Offer], budget: Budget, *, total: int, fixed: int, multiple: int = 1) -> list[Any]:

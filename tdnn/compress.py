@@ -19,7 +19,7 @@ from tdnn import blockwise, calibrate, registry, walk
 from tdnn.budget import Budget, allocate
 from tdnn.calibrate import Whitening
 from tdnn.cost import layer_cost, model_flops
-from tdnn.latency import LatencyTimer, latency_ratio
+from tdnn.latency import LatencyTimer, latencies, latency_ratio
 from tdnn.layers import Factorized
 from tdnn.plan import PLAN_ATTR, LayerPlan, Plan
 from tdnn.ranks import NO_ENTRY, VBMF, Energy, RankRule, dense_param_count, rank_for_ratio, rank_from_spectra
@@ -122,8 +122,8 @@ def _accept(layer: _Job, rank: Any) -> None:
 
 def _allocate(model: nn.Module, layers: list[_Job], budget: Budget, runs: blockwise.Runs | None,
               multiple: int) -> None:
-    if budget.measure == "flops" and runs is None:
-        raise ValueError("Budget(flops=...) needs calibration data: FLOPs depend on the input size")
+    if budget.measure != "params" and runs is None:
+        raise ValueError(f"Budget({budget.measure}=...) needs calibration data: it depends on the input size")
     weights = {l.name: 1.0 for l in layers}
     if runs is not None and budget.sensitivity:
         fisher = runs.fisher({l.name: l.module for l in layers})
@@ -131,8 +131,11 @@ def _allocate(model: nn.Module, layers: list[_Job], budget: Budget, runs: blockw
         weights = {l.name: fisher[l.name] * float(l.spectra[0].square().sum()) for l in layers}
     if budget.measure == "params":
         total = sum(p.numel() for p in model.parameters())
-    else:
+    elif budget.measure == "flops":
         total = model_flops(model, runs.batches[0])
+    else:  # the whole model's latency: its layers (timed alone) and the rest
+        total = latencies({"model": model}, runs.batches[0], warmup=1, repeats=5)["model"]
+        total = max(total, sum(layer_cost("latency", l.module, input_shape=l.input_shape) for l in layers))
     shapes = [l.input_shape for l in layers]
     fixed = total - sum(layer_cost(budget.measure, l.module, input_shape=shape) for l, shape in zip(layers, shapes))
     offers = [(l.module, l.cls, l.spectra if l.spectra is not None else l.cls.spectra(l.module, name=l.name),

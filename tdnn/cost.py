@@ -1,8 +1,9 @@
-"""What a layer costs, dense or factorized at a rank: parameters, or FLOPs on an input size.
+"""What a layer costs, dense or factorized at a rank: parameters, FLOPs or latency on an input size.
 
-Counted on meta-device twins (no memory, no compute) and cached by the layer's constructor
-arguments, since networks repeat the same layer shapes many times; a factorized form's cost at
-every rank follows from a few counted ranks (it is affine in each rank component).
+Parameters and FLOPs are counted on meta-device twins (no memory, no compute), latency is timed on
+the current device; all are cached by the layer's constructor arguments, since networks repeat the
+same layer shapes many times. A factorized form's parameters and FLOPs at every rank follow from a
+few counted ranks (they are affine in each rank component).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tdnn import registry
 from tdnn.batches import call
+from tdnn.latency import latencies
 from tdnn.layers.base import Factorized
 
 
@@ -30,8 +32,9 @@ def model_flops(model: nn.Module, batch: Any) -> int:
 
 def layer_cost(measure: str, layer: nn.Module, cls: type[Factorized] | None = None, rank: Any = None,
                input_shape: tuple[int, ...] | None = None) -> int:
-    """Parameters (``measure="params"``) or FLOPs on ``input_shape`` (``measure="flops"``) of the dense
-    ``layer`` (``cls=None``), or of ``cls`` at ``rank`` standing in for it.
+    """Parameters (``measure="params"``), FLOPs on ``input_shape`` (``"flops"``) or seconds per call on
+    the layer's device (``"latency"``, a median of timed runs) of the dense ``layer`` (``cls=None``),
+    or of ``cls`` at ``rank`` standing in for it.
 
     Example:
         >>> import torch, tdnn
@@ -40,6 +43,8 @@ def layer_cost(measure: str, layer: nn.Module, cls: type[Factorized] | None = No
         (5050, 1550)
     """
     signature = _signature(layer)
+    if measure == "latency":
+        return _timed(cls, signature, rank, input_shape, str(layer.weight.device))
     if cls is None:
         return _counted(measure, None, signature, None, input_shape)
     polynomial = _polynomial(measure, cls, signature, input_shape, cls.max_rank(layer))
@@ -61,6 +66,21 @@ def _counted(measure: str, cls: type[Factorized] | None, signature: tuple, rank:
     if measure == "params":
         return sum(p.numel() for p in module.parameters())
     return model_flops(module, torch.empty(input_shape, device="meta", dtype=dtype))
+
+
+@lru_cache(maxsize=65536)
+def _timed(cls: type[Factorized] | None, signature: tuple, rank: Any, input_shape: tuple[int, ...], device: str) -> float:
+    kind, dtype, kwargs = signature
+    g = torch.Generator().manual_seed(0)
+    module = registry.kind_named(kind).build(dict(kwargs), device="cpu", dtype=dtype)
+    if cls is not None:
+        module = cls.structure(module, rank)
+    with torch.no_grad():  # random values: uninitialised memory may hold slow denormals
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    module = module.to(device).eval()
+    x = torch.randn(input_shape, generator=g).to(device=device, dtype=dtype)
+    return latencies({"layer": module}, x, warmup=2, repeats=7)["layer"]
 
 
 @lru_cache(maxsize=4096)

@@ -225,3 +225,28 @@ def test_cost_at_every_rank_equals_counting_it(layer, cls, shape):
     assert all(p is not None for p in [cost._polynomial(kind, cls, *args) for kind, args in [
         ("flops", (cost._signature(layer), shape, cls.max_rank(layer))),
         ("params", (cost._signature(layer), None, cls.max_rank(layer)))]])
+
+
+def test_latency_budget_allocates_by_measured_layer_times(monkeypatch):
+    # A deterministic clock: a module "takes" as long as its FLOPs, so a latency budget must land
+    # where a FLOP budget does (the real clock is noisy; the mechanism is what is tested here).
+    from tdnn import cost
+    from tdnn.cost import model_flops
+
+    def clock(models, batch, **kwargs):
+        return {name: model_flops(m, batch) * 1e-9 for name, m in models.items()}
+
+    monkeypatch.setattr(cost, "latencies", clock)
+    monkeypatch.setattr(tdnn.compress, "latencies", clock)
+    cost._timed.cache_clear()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 16)).eval()
+    x = [torch.randn(32, 64) @ torch.randn(64, 64)]
+    small = tdnn.compress_model(net, budget=tdnn.Budget(latency=0.5), calibration=x)
+    kept = model_flops(small, x[0]) / model_flops(net, x[0])
+    assert kept == pytest.approx(0.5, abs=0.01)
+    flops = tdnn.compress_model(net, budget=tdnn.Budget(flops=0.5), calibration=x)
+    assert [e.rank for e in small.tdnn_plan.layers] == [e.rank for e in flops.tdnn_plan.layers]
+    cost._timed.cache_clear()
+    with pytest.raises(ValueError, match=r"Budget\(latency=...\) needs calibration data"):
+        tdnn.compress_model(net, budget=tdnn.Budget(latency=0.5))

@@ -136,7 +136,7 @@ def test_budget_errors():
         tdnn.compress_model(net, budget=tdnn.Budget(flops=0.5))
     with pytest.raises(ValueError, match=r"out of reach: the smallest ranks keep 0.0\d+ of the model's params"):
         tdnn.compress_model(net, budget=tdnn.Budget(params=0.01))
-    with pytest.raises(ValueError, match="exactly one of params= or flops="):
+    with pytest.raises(ValueError, match="exactly one of params=, flops= or latency="):
         tdnn.Budget(params=0.5, flops=0.5)
     with pytest.raises(ValueError, match=r"params=1.5 must be a fraction"):
         tdnn.Budget(params=1.5)

@@ -80,6 +80,11 @@ def _model_args(p: argparse.ArgumentParser, *, required: bool, weights: bool) ->
                                          "state-dict file (.pt/.pth/.safetensors)")
 
 
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="digits",
+                   help="'digits' (embedded), 'cifar10' (downloads) or an ImageFolder dir with train/ val/")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tdnn", description="Compress PyTorch models with low-rank "
                                      "factorized layers, report on them and fine-tune them.")
@@ -114,8 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "when --teacher-weights is given. Runs under torchrun too.")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a file written by tdnn.save / tdnn compress")
     _model_args(p, required=True, weights=False)
-    p.add_argument("--data", default="digits",
-                   help="'digits' (embedded), 'cifar10' (downloads) or an ImageFolder dir with train/ val/")
+    _data_args(p)
     p.add_argument("--config", help="YAML config whose 'finetune' section gives the settings")
     p.add_argument("--teacher-weights", help="weights of the dense original, to distill from")
     p.add_argument("--out", required=True, help="output checkpoint (.safetensors)")
@@ -143,8 +147,7 @@ def _sweep_parser(sub: Any) -> None:
                                    "latency and top-1 on the test split; mark the Pareto front; plot it.")
     p.add_argument("config", metavar="CONFIG", help="YAML config (see configs/)")
     _model_args(p, required=True, weights=True)
-    p.add_argument("--data", default="digits",
-                   help="'digits' (embedded), 'cifar10' (downloads) or an ImageFolder dir with train/ val/")
+    _data_args(p)
     p.add_argument("--targets", type=_fractions, default=(0.1, 0.2, 0.3, 0.5, 0.7),
                    help="fractions of the parameters (or FLOPs) to keep (default 0.1,0.2,0.3,0.5,0.7)")
     p.add_argument("--measure", choices=MEASURES, default="params", help="what the budgets count")

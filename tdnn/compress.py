@@ -255,6 +255,52 @@ def _data_aware(model: nn.Module, chosen: list[_Job], calibration: Any, swap: _S
     runs.run(swap, factorize, sequential=sequential)
 
 
+def _check(ranks: Any, method: str, budget: Any, calibration: Any, sequential: bool, rank_multiple: Any,
+           damping: Any) -> None:
+    """Refuse bad options before any work."""
+    registry.check_method(method)
+    if (ranks is None) == (budget is None):
+        raise ValueError("give exactly one of ranks= or budget= (choose layers for a budget with "
+                         "filter_fn and the method with method=)")
+    if budget is not None and not isinstance(budget, Budget):
+        raise TypeError(f"budget must be a tdnn.Budget, got {type(budget).__name__}")
+    if sequential and calibration is None:
+        raise ValueError("sequential=True needs calibration data")
+    if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int) or rank_multiple < 1:
+        raise ValueError(f"rank_multiple must be a positive int, got {rank_multiple!r}")
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 <= damping < math.inf:
+        raise ValueError(f"damping={damping!r} must be a finite number >= 0")
+
+
+def _plan(model: nn.Module, rule: RankRule | None, method: str, filter_fn: FilterFn | None) -> list[_Job]:
+    """Every dense layer of ``model`` with the decision made before any rank is known."""
+    found = list(walk.named_layers(model))
+    if not found:
+        done = sum(isinstance(m, Factorized) for m in model.modules())
+        kinds = ", ".join(k.name for k in registry.kinds())
+        raise ValueError(f"{type(model).__name__} has no dense layers to compress"
+                         + (f": its {done} layers are already factorized" if done else f" ({kinds})"))
+    ties = walk.shared_parameters(model)
+    layers = [_select(name, module, parent, rule, method, filter_fn, ties) for name, module, parent in found]
+    if rule is not None:
+        for key in rule.unused_keys():
+            warnings.warn(f"ranks: pattern '{key}' matches no layer of {type(model).__name__}", stacklevel=3)
+    return layers
+
+
+def _copy(model: nn.Module, layers: list[_Job]) -> nn.Module:
+    """A deep copy of ``model``, the jobs pointing at the copy's layers."""
+    memo: dict[int, Any] = {}
+    try:
+        copied = copy.deepcopy(model, memo)
+    except RuntimeError as err:  # e.g. old-style weight_norm tensors refuse to be deep-copied
+        raise ValueError(f"cannot copy {type(model).__name__} ({err}); pass inplace=True, or remove "
+                         "old-style weight_norm/spectral_norm hooks first") from err
+    for l in layers:
+        l.module = memo[id(l.module)]
+    return copied
+
+
 def compress_model(model: nn.Module, ranks: Any = None, *, method: str = "auto",
                    filter_fn: FilterFn | None = None, inplace: bool = False,
                    calibration: Iterable[Any] | None = None, sequential: bool = False,
@@ -334,43 +380,13 @@ def compress_model(model: nn.Module, ranks: Any = None, *, method: str = "auto",
         >>> calibrated.tdnn_plan["3"].data_aware
         True
     """
-    registry.check_method(method)
-    if (ranks is None) == (budget is None):
-        raise ValueError("give exactly one of ranks= or budget= (choose layers for a budget with "
-                         "filter_fn and the method with method=)")
-    if budget is not None and not isinstance(budget, Budget):
-        raise TypeError(f"budget must be a tdnn.Budget, got {type(budget).__name__}")
-    if sequential and calibration is None:
-        raise ValueError("sequential=True needs calibration data")
-    if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int) or rank_multiple < 1:
-        raise ValueError(f"rank_multiple must be a positive int, got {rank_multiple!r}")
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 <= damping < math.inf:
-        raise ValueError(f"damping={damping!r} must be a finite number >= 0")
+    _check(ranks, method, budget, calibration, sequential, rank_multiple, damping)
     timer = _timer(latency_aware, calibration)
-    rule = None if ranks is None else RankRule(ranks)
-    found = list(walk.named_layers(model))
-    if not found:
-        done = sum(isinstance(m, Factorized) for m in model.modules())
-        kinds = ", ".join(k.name for k in registry.kinds())
-        raise ValueError(f"{type(model).__name__} has no dense layers to compress"
-                         + (f": its {done} layers are already factorized" if done else f" ({kinds})"))
-    ties = walk.shared_parameters(model)
-    layers = [_select(name, module, parent, rule, method, filter_fn, ties) for name, module, parent in found]
-    if rule is not None:
-        for key in rule.unused_keys():
-            warnings.warn(f"ranks: pattern '{key}' matches no layer of {type(model).__name__}", stacklevel=2)
+    layers = _plan(model, None if ranks is None else RankRule(ranks), method, filter_fn)
 
     original = model
-    if not inplace:
-        # Copy only now: planning never mutates, and a copy keeps the same module order.
-        memo: dict[int, Any] = {}
-        try:
-            model = copy.deepcopy(model, memo)
-        except RuntimeError as err:  # e.g. old-style weight_norm tensors refuse to be deep-copied
-            raise ValueError(f"cannot copy {type(model).__name__} ({err}); pass inplace=True, or remove "
-                             "old-style weight_norm/spectral_norm hooks first") from err
-        for l in layers:
-            l.module = memo[id(l.module)]
+    if not inplace:  # copy only now: planning never mutates, and a copy keeps the same module order
+        model = _copy(model, layers)
     chosen = [l for l in layers if l.cls is not None]
     if calibration is not None and not isinstance(calibration, calibrate.Calibration):
         calibration = calibrate.Calibration(calibration, keep=False)

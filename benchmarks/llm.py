@@ -77,9 +77,9 @@ SETTINGS = [
 ]
 # Label-free distillation from the dense model on training chunks disjoint from the calibration
 # and evaluation ones; the weights with the lowest KL on VALIDATE further chunks are kept.
-FINETUNE: dict[str, Any] = dict(max_steps=48, optimizer="adamw", lr=1e-4, warmup_steps=4, keep_best="min",
+FINETUNE: dict[str, Any] = dict(max_steps=200, optimizer="adamw", lr=1e-4, warmup_steps=8, keep_best="min",
                                 max_grad_norm=1.0, trainable="factorized")
-TRAIN_CHUNKS, VALIDATE = 2 * 48, 8
+VALIDATE = 8  # chunks; all the other chunks after the evaluation ones train, 2 per batch
 
 
 def is_decoder(module: nn.Module, name: str) -> bool:
@@ -197,13 +197,13 @@ def run_row(key: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def distill(small: nn.Module, dense: nn.Module, rest: torch.Tensor, steps: int) -> dict[str, Any]:
-    """FINETUNE on TRAIN_CHUNKS further chunks, 2 per batch, keeping the weights with the lowest KL
-    to ``dense`` on VALIDATE others; the CPU time of fine-tuning."""
-    train = [dict(input_ids=b, attention_mask=torch.ones_like(b)) for b in rest[:TRAIN_CHUNKS].split(2)]
-    validate = rest[TRAIN_CHUNKS:TRAIN_CHUNKS + VALIDATE]
+    """FINETUNE on the chunks after the evaluation ones, 2 per batch, keeping the weights with the
+    lowest KL to ``dense`` on VALIDATE of them set aside; the CPU time of fine-tuning."""
+    validate, rest = rest[:VALIDATE], rest[VALIDATE:]
+    train = [dict(input_ids=b, attention_mask=torch.ones_like(b)) for b in rest.split(2)]
     start = time.process_time()
     result = tdnn.finetune(small, train, teacher=dense, eval_fn=lambda m: evaluate(m, dense, validate)["kl"],
-                           progress=False, **{**FINETUNE, "max_steps": steps})
+                           progress=False, epochs=math.ceil(steps / len(train)), **{**FINETUNE, "max_steps": steps})
     return dict(finetune_cpu_min=(time.process_time() - start) / 60, finetune_steps=result.steps,
                 best_step=result.best_step)
 

@@ -5,6 +5,7 @@ standard ops; these tests prove it for each conv method, with stride, reflect pa
 ``padding='same'`` with dilation, 1×1 convs and Linear layers in one model.
 """
 
+import copy
 import warnings
 
 import numpy as np
@@ -175,3 +176,17 @@ def test_optimised_model_exports_and_runs_in_onnxruntime(tmp_path):
         torch.onnx.export(fast, (inputs(),), path, dynamo=True, input_names=["x"],
                           dynamic_shapes={"input": {0: "batch"}}, verbose=False)
     np.testing.assert_allclose(run_onnx(path, x), small(x).detach().numpy(), rtol=0, atol=ATOL)
+
+
+def test_torchao_int8_weight_only_on_factorized_linears():
+    quantization = pytest.importorskip("torchao.quantization")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32)).eval()
+    small = tdnn.compress_model(net, ranks=0.5, calibration=[torch.randn(64, 64)])
+    quantized = copy.deepcopy(small)
+    quantization.quantize_(quantized, quantization.Int8WeightOnlyConfig())
+    assert isinstance(quantized[0], tdnn.SVDLinear) and "Int8" in type(quantized[0].first.weight).__name__
+    x = torch.randn(16, 64)
+    with torch.no_grad():
+        ref, out = small(x), quantized(x)
+    assert float((out - ref).norm() / ref.norm()) < 0.02  # int8 weights: about 0.5% here

@@ -61,11 +61,11 @@ class Setting:
     compress: Callable[[nn.Module, torch.Tensor], nn.Module]
 
 
-def _tdnn(method: str, *, ratio: float | None = None, flops: float | None = None,
+def _tdnn(method: str, *, ratio: float | None = None, flops: float | None = None, latency: float | None = None,
           latency_aware: bool = False, rank_multiple: int = 1) -> Callable[[nn.Module, torch.Tensor], nn.Module]:
     def run(model: nn.Module, example: torch.Tensor) -> nn.Module:
-        if flops is not None:
-            return tdnn.compress_model(model, budget=tdnn.Budget(flops=flops), method=method,
+        if flops is not None or latency is not None:
+            return tdnn.compress_model(model, budget=tdnn.Budget(flops=flops, latency=latency), method=method,
                                        calibration=[example], latency_aware=latency_aware,
                                        rank_multiple=rank_multiple)
         calibration = [example] if latency_aware else None
@@ -92,6 +92,7 @@ SETTINGS = [
     Setting("resnet50", "tdnn tucker2 FLOPs x0.5", _tdnn("tucker2", flops=0.5)),
     Setting("resnet50", "tdnn tucker2 FLOPs x0.5 latency-aware", _tdnn("tucker2", flops=0.5, latency_aware=True)),
     Setting("resnet50", "tdnn tucker2 FLOPs x0.5 ranks x8", _tdnn("tucker2", flops=0.5, rank_multiple=8)),
+    Setting("resnet50", "tdnn tucker2 latency x0.5 ranks x8", _tdnn("tucker2", latency=0.5, rank_multiple=8)),
     Setting("resnet50", "tdnn tucker2 ratio 0.5", _tdnn("tucker2", ratio=0.5)),
     Setting("resnet50", "tdnn cp ratio 0.5", _tdnn("cp", ratio=0.5)),
     Setting("resnet50", "tdnn cp ratio 0.5 latency-aware", _tdnn("cp", ratio=0.5, latency_aware=True)),

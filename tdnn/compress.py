@@ -63,6 +63,7 @@ class _Job:
     rank_spec: Any = None  # None under a budget
     spectra: list[torch.Tensor] | None = None  # of the whitened weight, from a survey of the data
     input_shape: tuple[int, ...] | None = None
+    out_scale: torch.Tensor | None = None  # of a BatchNorm reading the layer's output
 
 
 def _select(name: str, module: nn.Module, parent: nn.Module | None, rule: RankRule | None,
@@ -120,6 +121,14 @@ def _accept(layer: _Job, rank: Any) -> None:
         layer.entry.method, layer.entry.rank = layer.cls.method, rank
 
 
+def _error_weight(fisher: torch.Tensor, layer: _Job) -> float:
+    """The cost of a layer's relative error: its Fisher weight per channel (divided by a following
+    BatchNorm's squared scale, which the whitened error already carries) times its whitened energy."""
+    scale = layer.out_scale.clamp_min(1e-6 * float(layer.out_scale.max())) if layer.out_scale is not None else None
+    per_channel = fisher if scale is None else fisher / scale.square()
+    return float(per_channel.mean()) * float(layer.spectra[0].square().sum())
+
+
 def _allocate(model: nn.Module, layers: list[_Job], budget: Budget, runs: blockwise.Runs | None,
               multiple: int) -> None:
     if budget.measure != "params" and runs is None:
@@ -128,7 +137,7 @@ def _allocate(model: nn.Module, layers: list[_Job], budget: Budget, runs: blockw
     if runs is not None and budget.sensitivity:
         fisher = runs.fisher({l.name: l.module for l in layers})
         # cost of an error = Fisher weight × its whitened energy (estimate_error is relative)
-        weights = {l.name: fisher[l.name] * float(l.spectra[0].square().sum()) for l in layers}
+        weights = {l.name: _error_weight(fisher[l.name], l) for l in layers}
     if budget.measure == "params":
         total = sum(p.numel() for p in model.parameters())
     elif budget.measure == "flops":
@@ -232,7 +241,7 @@ def _data_aware(model: nn.Module, chosen: list[_Job], calibration: Any, swap: _S
         def survey(name: str, stats: calibrate.InputStats) -> None:
             l = jobs[name]
             l.spectra = l.cls.spectra(l.module, whitening(stats), name=name)
-            l.input_shape = stats.input_shape
+            l.input_shape, l.out_scale = stats.input_shape, stats.out_scale
 
         runs.run(swap, survey, sequential=False)
     if budget is not None:

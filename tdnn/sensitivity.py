@@ -5,9 +5,10 @@ the output (KL for logits, squared error otherwise) is to second order ``½ δy�
 the Fisher (Gauss–Newton) matrix of ``y``. Backpropagating one random vector ``ε`` from the output
 per batch, with ``E[ε εᵀ]`` the output metric (``diag(p) − p pᵀ`` for logits: ``ε = onehot(k) − p``
 with ``k ~ p``; the identity otherwise), gives gradients ``g`` at every layer's output with
-``E[g gᵀ] = F``. Read as one number per layer, ``w = Σ g² / out_channels``, the estimated cost of an
-output error of energy ``E`` (per vector, summed over channels) is ``w · E``: what the global budget
-weighs each layer's discarded (whitened) spectral energy by.
+``E[g gᵀ] = F``. Kept per output channel, ``f_c = Σ g_c²``: an output error spread over the channels
+with energy ``E`` (per vector, summed over channels) costs about ``mean_c(f_c) · E``, what the global
+budget weighs each layer's discarded (whitened) spectral energy by. (Where a BatchNorm scales the
+output by ``D``, the whitened error is the scaled one, so the weight is ``mean_c(f_c / D_c²)``.)
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def _probe(z: torch.Tensor, logits: bool, mask: torch.Tensor | None, generator: 
     return eps
 
 
-def fisher_weights(model: nn.Module, batches: Sequence[Any], layers: dict[str, nn.Module]) -> dict[str, float]:
+def fisher_weights(model: nn.Module, batches: Sequence[Any], layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     """The Fisher weight ``w`` (see the module docstring) of each of ``layers`` on ``batches``: one
     forward and one backward of ``model`` per batch (in eval mode; parameters get no gradients).
 
@@ -69,7 +70,7 @@ def fisher_weights(model: nn.Module, batches: Sequence[Any], layers: dict[str, n
             return output
         return hook
 
-    total = {name: 0.0 for name in layers}
+    total: dict[str, torch.Tensor | None] = {name: None for name in layers}
     generator = torch.Generator().manual_seed(SEED)
     handles = [module.register_forward_hook(keep(name)) for name, module in layers.items()]
     # no parameter needs a gradient: autograd then keeps only what flows back to layer outputs
@@ -77,19 +78,21 @@ def fisher_weights(model: nn.Module, batches: Sequence[Any], layers: dict[str, n
     for p in trainable:
         p.requires_grad_(False)
     try:
-        _accumulate(model, batches, outputs, total, generator, handles)
+        _accumulate(model, batches, outputs, total, generator, handles, layers)
     finally:
         for p in trainable:
             p.requires_grad_(True)
-    weights = {name: value / _out_channels(layers[name]) for name, value in total.items()}
     # A layer whose output does not reach the judged output (a pooler beside last_hidden_state)
     # counts as the most sensitive one: nothing says its errors are cheap.
-    top = max(weights.values(), default=0.0)
-    return {name: value if value > 0 else top for name, value in weights.items()}
+    top = max((float(v.mean()) for v in total.values() if v is not None and v.sum() > 0), default=0.0)
+    return {name: v if v is not None and v.sum() > 0 else torch.full((_out_channels(layers[name]),), top,
+                                                                     dtype=torch.float64)
+            for name, v in total.items()}
 
 
 def _accumulate(model: nn.Module, batches: Sequence[Any], outputs: list[tuple[str, torch.Tensor]],
-                total: dict[str, float], generator: torch.Generator, handles: list[Any]) -> None:
+                total: dict[str, torch.Tensor | None], generator: torch.Generator, handles: list[Any],
+                layers: dict[str, nn.Module]) -> None:
     """Σ g² per layer over ``batches``: one forward and one backward each."""
     with temporary.hooks(handles), temporary.modes({model: False}), torch.enable_grad():
         for i, batch in _samples(batches):
@@ -100,9 +103,11 @@ def _accumulate(model: nn.Module, batches: Sequence[Any], outputs: list[tuple[st
             eps = _probe(z, logits, batch_mask(batch), generator).to(z.device)
             grads = torch.autograd.grad(z, [y for _, y in outputs], grad_outputs=eps.to(z.dtype),
                                         allow_unused=True)
-            for (name, _), g in zip(outputs, grads):
-                if g is not None:
-                    total[name] += float(g.double().square().sum())
+            for (name, y), g in zip(outputs, grads):
+                if g is not None:  # Σ g² per output channel: dim 1 of a conv's output, the last of a matrix's
+                    channels = 1 if registry.kind_of(layers[name]).spatial else -1
+                    term = g.double().square().movedim(channels, 0).reshape(g.shape[channels], -1).sum(1)
+                    total[name] = term if total[name] is None else total[name] + term
 
 
 def _samples(batches: Sequence[Any]) -> Iterator[tuple[int, Any]]:

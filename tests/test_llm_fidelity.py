@@ -139,3 +139,30 @@ def test_the_budget_spends_parameters_where_errors_cost_most():
             return float((m(x) - model(x)).norm())
 
     assert error(budget) < 0.9 * error(uniform) and error(budget) < 0.9 * error(blind)
+
+
+class Twins(nn.Module):
+    """Two equal convs; one amplified 20x by a BatchNorm after it, the other by 20x at the output."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Conv2d(8, 32, 3, padding=1), nn.Conv2d(8, 32, 3, padding=1)
+        self.bn = nn.BatchNorm2d(32).eval()
+        with torch.no_grad():
+            self.b.load_state_dict(self.a.state_dict())
+            self.bn.weight.fill_(20.0)
+
+    def forward(self, x):
+        return self.bn(self.a(x)) + 20 * self.b(x)
+
+
+def test_the_budget_counts_a_batchnorm_scale_once():
+    # The Fisher weight is measured at the conv's output (before the BatchNorm) and the whitened
+    # error is the one after it: the scale must not be counted twice. Equal effect, equal ranks.
+    model = Twins().eval()
+    x = torch.randn(64, 8, 6, 6)
+    small = tdnn.compress_model(model, budget=tdnn.Budget(params=0.6), calibration=[x], method="svd")
+    plan = small.tdnn_plan
+    assert plan["a"].factorized and plan["b"].factorized
+    assert abs(plan["a"].rank - plan["b"].rank) <= 1

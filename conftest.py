@@ -1,5 +1,5 @@
-"""pytest: one torch thread per test process, and no doctests of modules whose optional
-dependency is not installed.
+"""pytest: one torch thread per test process, no doctests of modules whose optional dependency is
+not installed, and a deterministic clock for tests of latency budgets.
 
 One thread, deliberately: CI machines are shared, and OpenMP threads that outnumber the free cores
 spin at every barrier (a suite of 3 minutes took 21 beside two busy processes). Set
@@ -13,8 +13,26 @@ THREADS = os.environ.get("TDNN_TEST_THREADS", "1")
 os.environ["OMP_NUM_THREADS"] = THREADS  # also for the subprocesses tests start (torchrun, the CLI)
 os.environ["MKL_NUM_THREADS"] = THREADS
 
+import pytest  # noqa: E402
 import torch  # noqa: E402  (after the environment is set)
 
 torch.set_num_threads(int(THREADS))
 
 collect_ignore = [] if importlib.util.find_spec("transformers") else ["tdnn/layers/hf_conv1d.py", "tdnn/pretrained.py"]
+
+
+@pytest.fixture
+def flop_clock(monkeypatch):
+    """Latency measured by a deterministic clock: a module takes as long as its FLOPs (1 GFLOP = 1 s).
+    The real clock is noisy; a test of what a latency budget does must not depend on it (a target
+    that a busy machine's timings put out of reach once failed CI)."""
+    from tdnn import compress, cost
+
+    def clock(models, batch, **kwargs):
+        return {name: cost.model_flops(m, batch) * 1e-9 for name, m in models.items()}
+
+    monkeypatch.setattr(cost, "latencies", clock)
+    monkeypatch.setattr(compress, "latencies", clock)
+    cost._timed.cache_clear()
+    yield clock
+    cost._timed.cache_clear()

@@ -227,18 +227,12 @@ def test_cost_at_every_rank_equals_counting_it(layer, cls, shape):
         ("params", (cost._signature(layer), None, cls.max_rank(layer)))]])
 
 
-def test_latency_budget_allocates_by_measured_layer_times(monkeypatch):
-    # A deterministic clock: a module "takes" as long as its FLOPs, so a latency budget must land
-    # where a FLOP budget does (the real clock is noisy; the mechanism is what is tested here).
+def test_latency_budget_allocates_by_measured_layer_times(flop_clock):
+    # With a clock that makes a module take as long as its FLOPs, a latency budget must land where a
+    # FLOP budget does (the real clock is noisy; the mechanism is what is tested here).
     from tdnn import cost
     from tdnn.cost import model_flops
 
-    def clock(models, batch, **kwargs):
-        return {name: model_flops(m, batch) * 1e-9 for name, m in models.items()}
-
-    monkeypatch.setattr(cost, "latencies", clock)
-    monkeypatch.setattr(tdnn.compress, "latencies", clock)
-    cost._timed.cache_clear()
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 16)).eval()
     x = [torch.randn(32, 64) @ torch.randn(64, 64)]

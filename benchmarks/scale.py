@@ -63,13 +63,34 @@ def write_weights(layers: int, path: Path) -> None:
     save_file(tensors, str(path))
 
 
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The file's float32 tensors in memory the process owns, read one at a time (no mmap).
+
+    ``safetensors.torch.load_file`` maps the whole file: the dense weights that compression
+    replaces are then never given back (the embedding keeps the mapping alive), and every page
+    read stays in the resident set; loading with ``safe_open`` and a copy per tensor holds the
+    mapping and the copies at once (measured: 2.3x the model during the load)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header, start = json.loads(f.read(size)), 8 + size
+        tensors = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            assert info["dtype"] == "F32", info["dtype"]
+            tensor = torch.empty(info["shape"], dtype=torch.float32)
+            f.seek(start + info["data_offsets"][0])
+            f.readinto(tensor.numpy().reshape(-1).view("uint8"))
+            tensors[name] = tensor
+    return tensors
+
+
 def gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def measure(layers: int, path: Path, keep: float, tokens: int, sequential: bool) -> dict:
     """Load and compress in this process; phase times and the peak RSS after each phase."""
-    from safetensors.torch import load_file
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     import tdnn
@@ -82,7 +103,7 @@ def measure(layers: int, path: Path, keep: float, tokens: int, sequential: bool)
         start = time.perf_counter()
 
     model = build(layers)
-    model.load_state_dict(load_file(str(path)), assign=True, strict=False)
+    model.load_state_dict(read_weights(path), assign=True, strict=False)
     model.tie_weights()
     model.model.rotary_emb = LlamaRotaryEmbedding(config=model.config)  # its buffers are not in the file
     model.eval()

@@ -336,7 +336,7 @@ class Runs:
         stats = {n: cache.lookup(cache.stats, n, *self.layers[n]) for n in self.selected}
         if any(s is None for s in stats.values()):
             def collected(name: str, value: calibrate.InputStats) -> None:
-                stats[name] = value
+                stats[name], value.keep = value, True
                 cache.store(cache.stats, name, self.layers[name][0], value, self.layers[name][1])
 
             keep = self.selected

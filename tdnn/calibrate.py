@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tdnn import registry, temporary
+from tdnn import decompose, registry, temporary
 from tdnn.batches import call, map_tensors
 
 
@@ -48,12 +48,15 @@ class InputStats:
     normalized: bool = False  # gram already divided by count (see cov)
     same_as: InputStats | None = None  # a layer whose inputs were exactly these, batch by batch
     roots: dict[float, Root] = field(default_factory=dict)  # damping -> square root of the covariance
+    keep: bool = False  # kept for later calls (a tdnn.Calibration): the covariance outlives its root
 
     @property
     def cov(self) -> torch.Tensor:
         """``E[x xᵀ]``: ``gram`` divided by ``count`` in place the first time (no second n×n copy)."""
         if self.count == 0:
             raise ValueError("no calibration data reached this layer")
+        if self.gram is None:
+            raise RuntimeError("this covariance was released once its square root was taken (keep=False)")
         if self.normalized is False:
             self.gram.div_(self.count)
             self.normalized = True
@@ -92,6 +95,9 @@ class InputStats:
         owner = self.same_as or self
         if damping not in owner.roots:
             owner.roots[damping] = square_root(owner.cov, damping)
+        for stats in {id(owner): owner, id(self): self}.values():
+            if not stats.keep:  # only the root is read from now on: an 8192-wide input's 512 MiB go
+                stats.gram = None
         return owner.roots[damping]
 
 
@@ -109,10 +115,18 @@ def rows(module: nn.Module, x: torch.Tensor, geometry: str, mask: torch.Tensor |
 
 def _add(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
     """``total + term`` summed in float64: a new tensor to start with (layers reading one input share
-    the term, and cov divides in place), then in place, so that a large layer's Gram is held once."""
+    the term, and cov divides in place), then in place, so that a large layer's Gram is held once.
+    A float32 term is added a slab of rows at a time: adding it whole makes a float64 copy of it
+    (512 MiB for an 8192-wide input, on top of the Gram itself)."""
     if total is None:
         return term.to(dtype=torch.float64, device="cpu", copy=True)
-    return total.add_(term.to("cpu"))
+    step = max(1, _SLAB // max(1, term[0].numel()))
+    for start in range(0, term.shape[0], step):
+        total[start:start + step].add_(term[start:start + step].to("cpu"))
+    return total
+
+
+_SLAB = 1 << 21  # elements of a float32 term added at once: 16 MiB as float64
 
 
 @dataclass
@@ -279,7 +293,7 @@ def _checked(stats: dict[str, InputStats]) -> dict[str, InputStats]:
     for name, s in stats.items():
         if s.count == 0:
             raise ValueError(f"{name}: calibration data never reached this layer")
-        if not torch.isfinite(s.gram).all():
+        if not decompose.all_finite(s.gram):
             raise ValueError(f"{name}: calibration inputs of this layer hold NaN or Inf values (an overflow "
                              f"in the layers before it?)")
     return stats
@@ -356,7 +370,7 @@ def square_root(cov: torch.Tensor, damping: float) -> Root:
         diag.add_(ridge)  # on the diagonal in place: a large covariance is not copied
         chol, info = torch.linalg.cholesky_ex(cov)
         diag.copy_(saved)
-        if int(info) == 0 and bool(torch.isfinite(chol).all()):
+        if int(info) == 0 and decompose.all_finite(chol):
             return Root(chol, ridge)
         ridge *= 10
     raise ValueError("the input covariance is not positive semi-definite (NaN or Inf in it?)")
@@ -377,12 +391,14 @@ class Whitening:
     layer computed (the identity when nothing upstream changed); ``W·M·R = W (cross + λI) R⁻ᵀ``.
     """
 
-    def __init__(self, cov: torch.Tensor, out_scale: torch.Tensor | None = None, *,
+    def __init__(self, cov: torch.Tensor | None = None, out_scale: torch.Tensor | None = None, *,
                  damping: float = 0.01, cross: torch.Tensor | None = None, root: Root | None = None) -> None:
-        self.root = root if root is not None else square_root(cov, damping)  # root: of this same cov
+        if (cov is None) == (root is None):
+            raise ValueError("Whitening needs the covariance or its root (one of them)")
+        self.root = root if root is not None else square_root(cov, damping)
         self.cross = cross
         if out_scale is not None:  # a dead BN channel (γ = 0) must not divide by zero
-            out_scale = out_scale.clamp_min(max(1e-6 * float(out_scale.max()), torch.finfo(cov.dtype).tiny))
+            out_scale = out_scale.clamp_min(max(1e-6 * float(out_scale.max()), torch.finfo(out_scale.dtype).tiny))
         self.out_scale = out_scale
         self._damping = damping
 

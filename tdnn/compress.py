@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tdnn import blockwise, calibrate, registry, walk
+from tdnn import blockwise, calibrate, decompose, registry, walk
 from tdnn.budget import Budget, allocate
 from tdnn.calibrate import Whitening
 from tdnn.cost import layer_cost, model_flops
@@ -92,7 +92,7 @@ def _select(name: str, module: nn.Module, parent: nn.Module | None, rule: RankRu
         return layer
     if layer.rank_spec is not None and not isinstance(layer.rank_spec, (float, Energy, VBMF)):
         layer.cls.check_rank(module, layer.rank_spec, name)
-    if not torch.isfinite(module.weight.detach()).all():
+    if not decompose.all_finite(module.weight.detach()):
         raise ValueError(f"{name}: weight {tuple(module.weight.shape)} has NaN or Inf values")
     return layer
 
@@ -235,7 +235,7 @@ def _data_aware(model: nn.Module, chosen: list[_Job], calibration: Any, swap: _S
     runs = blockwise.Runs(model, {n: (l.module, l.cls.geometry) for n, l in jobs.items()}, calibration,
                           blocks=blocks, reference=reference, progress=progress)
     def whitening(stats: calibrate.InputStats) -> Whitening:
-        return Whitening(stats.cov, stats.out_scale, damping=damping, cross=stats.cross_cov, root=stats.root(damping))
+        return Whitening(out_scale=stats.out_scale, damping=damping, cross=stats.cross_cov, root=stats.root(damping))
 
     if budget is not None or any(isinstance(l.rank_spec, Energy) for l in chosen):
         def survey(name: str, stats: calibrate.InputStats) -> None:

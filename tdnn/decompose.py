@@ -21,6 +21,33 @@ from tensorly.decomposition._cp import initialize_cp
 SEED = 0
 
 
+_SLAB = 1 << 22  # elements per slab when a large tensor is scanned a slab of rows at a time
+
+
+def _slabs(tensor: torch.Tensor) -> Iterator[slice]:
+    step = max(1, _SLAB // max(1, tensor[0].numel())) if tensor.dim() else 1
+    for start in range(0, max(1, tensor.shape[0] if tensor.dim() else 1), step):
+        yield slice(start, start + step)
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf in ``tensor``, scanned a slab at a time: ``torch.isfinite`` of a whole float
+    tensor makes a full-size temporary (``abs``), 512 MiB for an 8192² float64 covariance."""
+    if tensor.dim() == 0:
+        return bool(torch.isfinite(tensor))
+    return all(bool(torch.isfinite(tensor[rows]).all()) for rows in _slabs(tensor))
+
+
+def relative_distance(exact: torch.Tensor, approx: torch.Tensor) -> float:
+    """``‖exact − approx‖ / ‖exact‖`` in float64, a slab of rows at a time (no full-size copies)."""
+    num = den = 0.0
+    for rows in _slabs(exact):
+        e = exact[rows].double()
+        num += float((e - approx[rows].double()).square().sum())
+        den += float(e.square().sum())
+    return num ** 0.5 / max(den ** 0.5, 1e-300)
+
+
 def _f64(tensor: torch.Tensor) -> torch.Tensor:
     # Meta/offloaded weights cannot be decomposed; callers check that before reaching here.
     return tensor.detach().to(dtype=torch.float64, device="cpu")

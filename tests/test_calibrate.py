@@ -283,3 +283,36 @@ def test_a_kept_calibration_serves_methods_that_read_inputs_differently():
     x = torch.randn(4, 3, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(svd(x), fresh(x))
+
+
+def test_a_covariance_is_released_once_its_root_is_taken_unless_kept():
+    # memory: an 8192-wide input's float64 covariance is 512 MiB; once the Cholesky root exists
+    # only the root is read, so it must not stay alongside (a Calibration keeps it for later calls)
+    net = _QKV()
+    layers = {name: (getattr(net, name), "patches") for name in ("q", "k", "v", "out", "twice")}
+    stats = calibrate.collect(net, [correlated(64, 16)], layers)
+    root = stats["k"].root(0.01)
+    assert stats["k"].gram is None and stats["q"].gram is None  # k reads q's input: q owns the root
+    assert stats["v"].root(0.01) is root and stats["v"].gram is None
+    assert stats["out"].gram is not None
+    with pytest.raises(RuntimeError, match="released once its square root was taken"):
+        stats["q"].cov
+    kept = calibrate.collect(net, [correlated(64, 16)], layers)
+    kept["out"].keep = True
+    kept["out"].root(0.01)
+    assert kept["out"].gram is not None and kept["out"].root(0.1) is not kept["out"].root(0.01)
+
+
+def test_slab_wise_checks_equal_whole_tensor_ones(monkeypatch):
+    from tdnn import decompose
+    monkeypatch.setattr(decompose, "_SLAB", 7)  # many slabs, a ragged last one
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(23, 5, generator=g), torch.randn(23, 5, generator=g, dtype=torch.float64)
+    assert decompose.relative_distance(a, b) == pytest.approx(float((a.double() - b).norm() / a.double().norm()),
+                                                              rel=1e-12)
+    assert decompose.relative_distance(torch.zeros(3, 2), torch.zeros(3, 2)) == 0.0
+    assert decompose.all_finite(a) and decompose.all_finite(torch.tensor(1.0))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        c = a.clone()
+        c[22, 4] = bad  # in the last slab
+        assert not decompose.all_finite(c) and not decompose.all_finite(c[22, 4])

@@ -164,7 +164,7 @@ class Factorized(nn.Sequential):
         weight = cls.kind.kernel(layer).detach()
         if weight.is_meta:
             raise ValueError(f"{name}: weight is on the meta device; nothing to decompose")
-        if not torch.isfinite(weight).all():
+        if not decompose.all_finite(weight):
             raise ValueError(f"{name}: weight {tuple(weight.shape)} has NaN or Inf values")
         weight = weight.to(dtype=torch.float64, device="cpu")
         g = cls.kind.groups(layer)
@@ -208,14 +208,12 @@ class Factorized(nn.Sequential):
             module._decompose(parts)
             if layer.bias is not None:
                 module.last.bias.copy_(layer.bias)
-            bad = [n for n, p in module.named_parameters() if not torch.isfinite(p).all()]
+            bad = [n for n, p in module.named_parameters() if not decompose.all_finite(p)]
             if bad:
                 raise ValueError(f"{name}: the {cls.method} factors {', '.join(bad)} have NaN or Inf values "
                                  f"(rank {rank}{', data-aware' if whitening is not None else ''}); check the "
                                  f"weights and calibration data, or raise damping")
-            approx = module.dense_weight().double()
-            exact = cls.kind.kernel(layer).detach().double()
-            module.rel_error = float((exact - approx).norm() / exact.norm().clamp_min(1e-300))
+            module.rel_error = decompose.relative_distance(cls.kind.kernel(layer).detach(), module.dense_weight())
         return module
 
     def to_dense(self) -> nn.Module:

@@ -47,18 +47,7 @@ import tdnn  # noqa: E402
 from tdnn.latency import latencies  # noqa: E402
 
 
-def decoder_bytes(model: nn.Module) -> int:
-    """Bytes of the decoder Linears' weights (int8 tensors count one byte per value)."""
-    total = 0
-    for name, module in model.named_modules():
-        if not name.startswith("model.layers.") or any(True for _ in module.children()):
-            continue
-        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
-            total += t.numel() * t.element_size()
-        if hasattr(module, "_packed_params"):  # torch.ao's dynamic Linear keeps its weight packed
-            weight, bias = module._packed_params._weight_bias()
-            total += weight.numel() + (bias.numel() * 4 if bias is not None else 0)
-    return total
+DECODER = "model.layers."
 
 
 def ao_int8(model: nn.Module) -> nn.Module:
@@ -80,14 +69,22 @@ def torchao_int8(model: nn.Module) -> nn.Module | None:
     return model
 
 
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes of every conv and Linear weight (quantized modules hold one byte per value)."""
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds: one per value for int8 ones, a tensor subclass's (torchao) inner tensors."""
+    if not t.is_quantized and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, name)) for name in names)
+    return t.numel() * t.element_size()
+
+
+def weight_bytes(model: nn.Module, prefix: str = "") -> int:
+    """Bytes of every conv and Linear weight under ``prefix`` (quantized modules' included)."""
     total = 0
-    for module in model.modules():
+    for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         weight = weight() if callable(weight) else weight
-        if isinstance(weight, torch.Tensor) and weight.dim() > 1:
-            total += weight.numel() * weight.element_size()
+        if name.startswith(prefix) and isinstance(weight, torch.Tensor) and weight.dim() > 1:
+            total += tensor_bytes(weight)
     return total
 
 
@@ -160,7 +157,7 @@ def llm_table(args: argparse.Namespace) -> None:
             rows[f"low rank {removed:.0%} removed + int8 (torch.ao dynamic)"] = ao_int8(small)
             rows[f"low rank {removed:.0%} removed + int8 (torchao weight-only)"] = torchao_int8(small)
     ids = held_out[:1, :32]
-    base = decoder_bytes(dense)
+    base = weight_bytes(dense, DECODER)
     print("\n| model | decoder weights MB (x dense) | ppl / dense | KL | top-1 agree | decode tok/s (x dense) |")
     print("|---|---|---|---|---|---|")
     for label, model in rows.items():
@@ -169,7 +166,7 @@ def llm_table(args: argparse.Namespace) -> None:
             continue
         fidelity = llm.evaluate(model, dense, held_out)
         speed = llm_speed.decode_tps({"dense": dense, "model": model}, ids)
-        print(f"| {label} | {decoder_bytes(model) / 2**20:.1f} (x{decoder_bytes(model) / base:.2f}) | "
+        print(f"| {label} | {weight_bytes(model, DECODER) / 2**20:.1f} (x{weight_bytes(model, DECODER) / base:.2f}) | "
               f"{fidelity['ppl'] / fidelity['ppl_dense']:.2f} | {fidelity['kl']:.3f} | {fidelity['agree']:.1%} | "
               f"{speed['model']:.1f} (x{speed['model'] / speed['dense']:.2f}) |", flush=True)
     print(f"\n({args.eval_chunks} evaluation chunks of 256 tokens)")

@@ -217,6 +217,14 @@ Factorize = Callable[[str, calibrate.InputStats], "nn.Module | None"]
 Swap = Callable[[nn.Module, nn.Module], None]  # (old, new): put new in old's place in the model
 
 
+def replace(model: nn.Module, name: str, stats: calibrate.InputStats, factorize: Factorize, swap: Swap) -> None:
+    """``factorize`` the layer ``name`` of ``model`` and swap in what it returns (if anything)."""
+    old = model.get_submodule(name)
+    new = factorize(name, stats)
+    if new is not None:
+        swap(old, new)
+
+
 def _within(block: str, name: str) -> str:
     return name[len(block) + 1:] if block else name
 
@@ -267,10 +275,7 @@ class BlockCompressor:
         return outputs
 
     def _factorize(self, name: str, stats: calibrate.InputStats) -> None:
-        old = self.model.get_submodule(name)
-        new = self.factorize(name, stats)
-        if new is not None:
-            self.swap(old, new)
+        replace(self.model, name, stats, self.factorize, self.swap)
 
     def _sequential(self, segment: Segment, names: list[str], xs: list[Hidden], refs: list[Hidden]
                     ) -> tuple[list[Hidden], list[Hidden]]:
@@ -344,10 +349,7 @@ class Runs:
             self._passes(swap, collected, False)
             self.selected = keep
         for name in self.selected:
-            old = swap.model.get_submodule(name)
-            new = factorize(name, stats[name])
-            if new is not None:
-                swap(old, new)
+            replace(swap.model, name, stats[name], factorize, swap)
 
     def _passes(self, swap: Swap, factorize: Factorize, sequential: bool) -> None:
         if self._chain is None:  # on the dense model, before anything is swapped
@@ -358,10 +360,7 @@ class Runs:
                         geometry=lambda n: self.layers[n][1], sequential=sequential, reference=self.reference,
                         progress=self.progress).run()
         for name in [n for n in self.glue if n in self.selected]:
-            old = swap.model.get_submodule(name)
-            new = factorize(name, self._glue_stats[name])
-            if new is not None:
-                swap(old, new)
+            replace(swap.model, name, self._glue_stats[name], factorize, swap)
 
 
 def _trim() -> None:

@@ -95,7 +95,7 @@ class InputStats:
         owner = self.same_as or self
         if damping not in owner.roots:
             owner.roots[damping] = square_root(owner.cov, damping)
-        for stats in {id(owner): owner, id(self): self}.values():
+        for stats in (owner, self):
             if not stats.keep:  # only the root is read from now on: an 8192-wide input's 512 MiB go
                 stats.gram = None
         return owner.roots[damping]
@@ -117,16 +117,13 @@ def _add(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
     """``total + term`` summed in float64: a new tensor to start with (layers reading one input share
     the term, and cov divides in place), then in place, so that a large layer's Gram is held once.
     A float32 term is added a slab of rows at a time: adding it whole makes a float64 copy of it
-    (512 MiB for an 8192-wide input, on top of the Gram itself)."""
+    (512 MiB for an 8192-wide input, on top of the Gram itself); a slab of 2²¹ elements is 16 MiB
+    as float64."""
     if total is None:
         return term.to(dtype=torch.float64, device="cpu", copy=True)
-    step = max(1, _SLAB // max(1, term[0].numel()))
-    for start in range(0, term.shape[0], step):
-        total[start:start + step].add_(term[start:start + step].to("cpu"))
+    for rows in decompose.slabs(term, 1 << 21):
+        total[rows].add_(term[rows].to("cpu"))
     return total
-
-
-_SLAB = 1 << 21  # elements of a float32 term added at once: 16 MiB as float64
 
 
 @dataclass

@@ -138,15 +138,14 @@ def _allocate(model: nn.Module, layers: list[_Job], budget: Budget, runs: blockw
         fisher = runs.fisher({l.name: l.module for l in layers})
         # cost of an error = Fisher weight × its whitened energy (estimate_error is relative)
         weights = {l.name: _error_weight(fisher[l.name], l) for l in layers}
+    offered = sum(layer_cost(budget.measure, l.module, input_shape=l.input_shape) for l in layers)
     if budget.measure == "params":
         total = sum(p.numel() for p in model.parameters())
     elif budget.measure == "flops":
         total = model_flops(model, runs.batches[0])
     else:  # the whole model's latency: its layers (timed alone) and the rest
-        total = latencies({"model": model}, runs.batches[0], warmup=1, repeats=5)["model"]
-        total = max(total, sum(layer_cost("latency", l.module, input_shape=l.input_shape) for l in layers))
-    shapes = [l.input_shape for l in layers]
-    fixed = total - sum(layer_cost(budget.measure, l.module, input_shape=shape) for l, shape in zip(layers, shapes))
+        total = max(latencies({"model": model}, runs.batches[0], warmup=1, repeats=5)["model"], offered)
+    fixed = total - offered
     offers = [(l.module, l.cls, l.spectra if l.spectra is not None else l.cls.spectra(l.module, name=l.name),
                l.input_shape, weights[l.name]) for l in layers]
     for l, rank in zip(layers, allocate(offers, budget, total=total, fixed=fixed, multiple=multiple)):

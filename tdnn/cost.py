@@ -31,7 +31,7 @@ def model_flops(model: nn.Module, batch: Any) -> int:
 
 
 def layer_cost(measure: str, layer: nn.Module, cls: type[Factorized] | None = None, rank: Any = None,
-               input_shape: tuple[int, ...] | None = None) -> int:
+               input_shape: tuple[int, ...] | None = None) -> float:
     """Parameters (``measure="params"``), FLOPs on ``input_shape`` (``"flops"``) or seconds per call on
     the layer's device (``"latency"``, a median of timed runs) of the dense ``layer`` (``cls=None``),
     or of ``cls`` at ``rank`` standing in for it.

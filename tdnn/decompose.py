@@ -21,12 +21,14 @@ from tensorly.decomposition._cp import initialize_cp
 SEED = 0
 
 
-_SLAB = 1 << 22  # elements per slab when a large tensor is scanned a slab of rows at a time
+_SLAB = 1 << 22  # elements per slab when a large tensor is worked on a slab of rows at a time
 
 
-def _slabs(tensor: torch.Tensor) -> Iterator[slice]:
-    step = max(1, _SLAB // max(1, tensor[0].numel())) if tensor.dim() else 1
-    for start in range(0, max(1, tensor.shape[0] if tensor.dim() else 1), step):
+def slabs(tensor: torch.Tensor, size: int | None = None) -> Iterator[slice]:
+    """Row ranges of ``tensor`` (at least 1-D) of about ``size`` elements each (default ``_SLAB``):
+    for work whose whole-tensor form would make full-size temporaries."""
+    step = max(1, (size or _SLAB) // max(1, math.prod(tensor.shape[1:])))
+    for start in range(0, tensor.shape[0], step):
         yield slice(start, start + step)
 
 
@@ -35,13 +37,13 @@ def all_finite(tensor: torch.Tensor) -> bool:
     tensor makes a full-size temporary (``abs``), 512 MiB for an 8192² float64 covariance."""
     if tensor.dim() == 0:
         return bool(torch.isfinite(tensor))
-    return all(bool(torch.isfinite(tensor[rows]).all()) for rows in _slabs(tensor))
+    return all(bool(torch.isfinite(tensor[rows]).all()) for rows in slabs(tensor))
 
 
 def relative_distance(exact: torch.Tensor, approx: torch.Tensor) -> float:
     """``‖exact − approx‖ / ‖exact‖`` in float64, a slab of rows at a time (no full-size copies)."""
     num = den = 0.0
-    for rows in _slabs(exact):
+    for rows in slabs(exact):
         e = exact[rows].double()
         num += float((e - approx[rows].double()).square().sum())
         den += float(e.square().sum())

@@ -1,10 +1,11 @@
 """A fine-tuning run as its own process, for tests that kill it or launch it under torchrun.
 
     python tests/finetune_worker.py OUT [--checkpoint-dir DIR] [--kill-after N] [--dropout]
-    python -m torch.distributed.run --nproc_per_node=2 tests/finetune_worker.py OUT
+    python -m torch.distributed.run --nproc_per_node=2 tests/finetune_worker.py OUT [--parallel fsdp]
+    python tests/finetune_worker.py OUT --llama [--parallel fsdp]
 
 Trains a compressed MLP on scikit-learn's digits (labels + distillation from the dense MLP) and
-writes the final weights to OUT (rank 0). ``--kill-after N`` SIGKILLs the process when the N-th
+writes the final weights to OUT (rank 0); ``--llama`` distils a tiny tied-embedding LLaMA instead. ``--kill-after N`` SIGKILLs the process when the N-th
 sample is fetched: no cleanup, no exception handlers, as when a job is preempted.
 """
 
@@ -20,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import tdnn
+from tdnn.finetune import distillation_loss
 
 
 class Digits(Dataset):
@@ -51,7 +53,7 @@ def build(dropout: bool) -> tuple[nn.Module, nn.Module]:
 
 
 def train(*, checkpoint_dir: str | None = None, kill_after: int | None = None,
-          dropout: bool = False, epochs: int = 2) -> dict[str, torch.Tensor]:
+          dropout: bool = False, epochs: int = 2, parallel: str = "ddp") -> dict[str, torch.Tensor]:
     """Run the fine-tuning on one thread; return the student's final state dict."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -59,10 +61,44 @@ def train(*, checkpoint_dir: str | None = None, kill_after: int | None = None,
         student, teacher = build(dropout)
         data = DataLoader(Digits(kill_after), batch_size=64, shuffle=True)
         tdnn.finetune(student, data, teacher=teacher, epochs=epochs, lr=0.05, progress=False,
-                      checkpoint_dir=checkpoint_dir, checkpoint_every=5 if checkpoint_dir else None)
+                      checkpoint_dir=checkpoint_dir, checkpoint_every=5 if checkpoint_dir else None,
+                      parallel=parallel)
     finally:
         torch.set_num_threads(threads)
+    # sharded training leaves the model as it was: a plain module with plain tensors
+    assert type(student) is nn.Sequential, type(student)
+    assert all(type(t) in (torch.Tensor, nn.Parameter) for t in student.state_dict().values())
     return student.state_dict()
+
+
+def train_llama(parallel: str = "ddp") -> dict[str, object]:
+    """Distil a compressed tiny LLaMA (tied embeddings, rotary buffers, 3 blocks) on random tokens,
+    keeping the weights of the best held-out distillation loss; its state dict and what the run reports."""
+    import transformers
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+        teacher = transformers.LlamaForCausalLM(config).eval()
+        student = tdnn.compress_model(teacher, ranks=0.5)
+        tokens = torch.randint(0, 64, (17, 8, 12))
+        data, held_out = [{"input_ids": t} for t in tokens[:16]], tokens[16]
+
+        def held_out_loss(model: nn.Module) -> float:  # how far from the teacher on unseen tokens
+            with torch.no_grad():
+                return distillation_loss(model(held_out).logits, teacher(held_out).logits).item()
+
+        result = tdnn.finetune(student, data, teacher=teacher, epochs=3, lr=0.5,
+                               eval_fn=held_out_loss, keep_best="min", progress=False, parallel=parallel)
+    finally:
+        torch.set_num_threads(threads)
+    assert student.lm_head.weight is student.model.embed_tokens.weight, "the tie is kept"
+    assert all(type(t) in (torch.Tensor, nn.Parameter) for t in student.state_dict().values())
+    return {"state": student.state_dict(), "evals": result.evals, "best_step": result.best_step,
+            "final_loss": held_out_loss(student)}
 
 
 def main() -> None:
@@ -72,9 +108,14 @@ def main() -> None:
     parser.add_argument("--kill-after", type=int)
     parser.add_argument("--dropout", action="store_true")
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--parallel", default="ddp")
+    parser.add_argument("--llama", action="store_true")
     args = parser.parse_args()
-    state = train(checkpoint_dir=args.checkpoint_dir, kill_after=args.kill_after, dropout=args.dropout,
-                  epochs=args.epochs)
+    if args.llama:
+        state = train_llama(args.parallel)
+    else:
+        state = train(checkpoint_dir=args.checkpoint_dir, kill_after=args.kill_after, dropout=args.dropout,
+                      epochs=args.epochs, parallel=args.parallel)
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save(state, args.out)
 

@@ -2,10 +2,11 @@
 
 The loop is deliberately plain (one optimizer step per batch) but complete: a tqdm bar, an
 evaluation callback per epoch, AMP on CUDA, atomic checkpoints with exact resume, and
-DistributedDataParallel when launched by ``torchrun``. Its parts: :class:`FinetuneSettings`
+DistributedDataParallel or FSDP2 when launched by ``torchrun``. Its parts: :class:`FinetuneSettings`
 (checked settings), :class:`~tdnn.finetune.data.EpochData` (the data order per epoch and process),
-:class:`~tdnn.finetune.step.TrainStep` (one optimizer step) and
-:class:`~tdnn.finetune.checkpoint.Checkpointer` (``last.pt``).
+:class:`~tdnn.finetune.step.TrainStep` (one optimizer step),
+:class:`~tdnn.finetune.checkpoint.Checkpointer` (``last.pt``) and :mod:`~tdnn.finetune.parallel`
+(how processes hold the model: replicas or shards).
 
 Batch sizes are *global*: under ``torchrun`` each of the ``W`` processes takes ``1/W`` of every
 batch, so the same call gives the same optimisation (up to float rounding) on any number of processes.
@@ -28,6 +29,7 @@ from tdnn import temporary
 from tdnn.layers.base import Factorized
 from tdnn.finetune.checkpoint import Checkpointer, rng_state, set_rng_state
 from tdnn.finetune.data import EpochData, global_batch_sizes
+from tdnn.finetune.parallel import Replicas, holder
 from tdnn.finetune.settings import FinetuneSettings
 from tdnn.finetune.step import TrainStep, distillation_loss
 
@@ -62,13 +64,13 @@ class FinetuneResult:
 class _Best:
     """The best weights by ``eval_fn`` so far (step 0: before training), to restore at the end."""
 
-    def __init__(self, direction: str | None, group: ddp.Group) -> None:
-        self.direction, self.group = direction, group
+    def __init__(self, direction: str | None, group: ddp.Group, weights: Replicas) -> None:
+        self.direction, self.group, self.holder = direction, group, weights
         self.step: int | None = None
         self.value: float | None = None
         self.weights: dict[str, torch.Tensor] | None = None
 
-    def consider(self, value: Any, step: int, model: nn.Module) -> None:
+    def consider(self, value: Any, step: int) -> None:
         if self.direction is None:
             return
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
@@ -81,7 +83,7 @@ class _Best:
         better = self.value is None or (value > self.value if self.direction == "max" else value < self.value)
         if better:
             self.step, self.value = step, float(value)
-            self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            self.weights = {k: v.detach().clone() for k, v in self.holder.model_state().items()}
 
     def state_dict(self) -> dict[str, Any] | None:
         return None if self.weights is None else {"step": self.step, "value": self.value, "model": self.weights}
@@ -90,9 +92,9 @@ class _Best:
         if state is not None:
             self.step, self.value, self.weights = state["step"], state["value"], state["model"]
 
-    def restore(self, model: nn.Module, result: FinetuneResult) -> None:
+    def restore(self, result: FinetuneResult) -> None:
         if self.weights is not None:
-            model.load_state_dict(self.weights)
+            self.holder.load_model_state(self.weights)
             result.best_step, result.best_eval = self.step, self.value
 
 
@@ -123,21 +125,20 @@ class _Run:
             raise ValueError("data has no batches")
         total = settings.epochs * self.per_epoch if self.per_epoch is not None else settings.max_steps
         self.total = min(total, settings.max_steps or total)
-        self.model, self.teacher, self.settings, self.device = model.to(device), teacher, settings, device
+        self.model, self.teacher, self.settings, self.device = model, teacher, settings, device
         # trainable="factorized": everything else frozen for the run (restored at the end)
         factors = {id(p) for m in model.modules() if isinstance(m, Factorized) for p in m.parameters()}
         self.frozen = [p for p in model.parameters()
                        if settings.trainable == "factorized" and p.requires_grad and id(p) not in factors]
         for p in self.frozen:
             p.requires_grad_(False)
-        net = model if self.group.world == 1 else nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-        self.step = TrainStep(net, teacher.to(device) if teacher is not None else None, settings,
-                              device=device, amp=amp, world=self.group.world, total=self.total)
+        self.held = holder(model, self.group, device, settings.parallel)
+        self.step = TrainStep(self.held.net, self.held.teacher(teacher, device) if teacher is not None else None,
+                              settings, device=device, amp=amp, world=self.group.world, total=self.total)
         self.record = {**settings.describe(), "amp": amp, "teacher": teacher is not None, **self.data.describe()}
         self.checkpoints = Checkpointer(checkpoint_dir, self.group)
         self.result, self.in_epoch, self.saved_at = FinetuneResult(), 0, None
-        self.best = _Best(settings.keep_best, self.group)
+        self.best = _Best(settings.keep_best, self.group, self.held)
         self.rng_at = {"epoch": None, "step": None}  # states to restore on resume, see epoch()
         self.epoch_rng: dict[str, Any] | None = None  # the RNG state at the current epoch's start
         if resume:
@@ -150,7 +151,8 @@ class _Run:
                                       per_epoch=self.per_epoch, device=self.device)
         if state is None:
             return
-        self.model.load_state_dict(state["model"])
+        self.held.load_model_state(state["model"])
+        self.held.load_optimizer_state(self.step.opt, state["optimizer"])
         self.step.load_state_dict(state)
         self.result = FinetuneResult(state["step"], state["epoch"], list(state["losses"]), list(state["evals"]),
                                      resumed_from=state["step"])
@@ -161,7 +163,8 @@ class _Run:
 
     def save(self) -> None:
         r = self.result
-        self.checkpoints.write({"settings": self.record, "model": self.model.state_dict(), **self.step.state_dict(),
+        self.checkpoints.write({"settings": self.record, "model": self.held.model_state(),
+                                "optimizer": self.held.optimizer_state(self.step.opt), **self.step.state_dict(),
                                 "step": r.steps, "epoch": r.epochs, "in_epoch": self.in_epoch,
                                 "losses": r.losses, "evals": r.evals, "best": self.best.state_dict()},
                                self.epoch_rng)
@@ -202,27 +205,28 @@ class _Run:
                    disable=not progress or not self.group.main)
         try:
             # the teacher's outputs are computed under no_grad: it is never updated
-            with temporary.modes({self.model: True, self.teacher: False}):
+            with temporary.modes({self.model: True, self.teacher: False, self.step.teacher: False}):
                 self._train_mode()
                 if eval_fn is not None and self.best.direction is not None and r.steps == 0:
-                    self.best.consider(self._evaluate(eval_fn), 0, self.model)
+                    self.best.consider(self._evaluate(eval_fn), 0)
                 while r.steps < self.total and r.epochs < self.settings.epochs:
                     if not self.epoch(bar):
                         # stopped inside an epoch (max_steps): the last weights still compete
                         if eval_fn is not None and self.best.direction is not None and self.best.step != r.steps:
-                            self.best.consider(self._evaluate(eval_fn), r.steps, self.model)
+                            self.best.consider(self._evaluate(eval_fn), r.steps)
                         break
                     r.epochs, self.in_epoch = r.epochs + 1, 0
                     if eval_fn is not None:
                         r.evals.append(self._evaluate(eval_fn))
-                        self.best.consider(r.evals[-1], r.steps, self.model)
+                        self.best.consider(r.evals[-1], r.steps)
                         if self.group.main:
                             bar.write(f"epoch {r.epochs}: {r.evals[-1]}")
                     self.epoch_rng = rng_state()  # the next epoch starts here
                     self.save()
                 if self.saved_at != r.steps:
                     self.save()
-            self.best.restore(self.model, r)
+            self.best.restore(r)
+            self.held.finish()
         finally:
             bar.close()
             for p in self.frozen:
@@ -232,16 +236,16 @@ class _Run:
 
     def _train_mode(self) -> None:
         """Train mode, with BatchNorm statistics frozen (eval mode) if asked."""
-        self.model.train()
+        self.held.module.train()
         if self.settings.freeze_batchnorm:
-            for module in self.model.modules():
+            for module in self.held.module.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
 
     def _evaluate(self, eval_fn: EvalFn) -> Any:
-        self.model.eval()
+        self.held.module.eval()
         try:
-            return eval_fn(self.model)
+            return eval_fn(self.held.module)
         finally:
             self._train_mode()
 
@@ -268,9 +272,9 @@ def finetune(model: nn.Module, data: Iterable[Any], settings: FinetuneSettings |
     processes is then not replayed).
 
     Launched by ``torchrun`` (``WORLD_SIZE`` > 1), each process trains a
-    ``DistributedDataParallel`` replica on its share of every global batch (gloo on CPU, NCCL on
-    CUDA); only rank 0 writes checkpoints and shows progress. BatchNorm statistics are per
-    process, as usual with DDP.
+    ``DistributedDataParallel`` replica (or, with ``parallel="fsdp"``, an FSDP2 shard) on its share
+    of every global batch (gloo on CPU, NCCL on CUDA); only rank 0 writes checkpoints and shows
+    progress. BatchNorm statistics are per process, as usual with DDP.
 
     Args:
         model: the model to train (modified in place), e.g. from :func:`tdnn.compress_model`.
@@ -314,7 +318,14 @@ def finetune(model: nn.Module, data: Iterable[Any], settings: FinetuneSettings |
             - ``freeze_batchnorm``: BatchNorm layers keep their running statistics (eval mode),
               by default when distilling from a teacher;
             - ``trainable`` (``"all"``): ``"factorized"`` trains only the factors of factorized
-              layers.
+              layers;
+            - ``parallel`` (``"ddp"``): under ``torchrun``, ``"ddp"`` trains a full replica per
+              process; ``"fsdp"`` (FSDP2, ``torch.distributed.fsdp.fully_shard``) shards each
+              parameter, its gradient and optimizer state over the processes (the teacher too), for
+              models whose replicas do not fit one device. Each block (the longest ``nn.ModuleList``
+              of one module type) and the root are sharded; the model passed in stays a plain
+              module and gets the trained weights at the end; checkpoints hold full tensors. One
+              process trains the model as it is.
 
     A batch that is a dict with ``"labels"`` for a model whose ``forward`` takes ``labels`` (a
     Hugging Face model) uses the model's own loss (for a causal LM: next-token cross-entropy, labels

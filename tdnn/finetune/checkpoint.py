@@ -3,6 +3,7 @@ atomically, checked before use, and the RNG states that make a resumed run ident
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import tempfile
@@ -121,12 +122,18 @@ class Checkpointer:
         """Save ``state`` with every process's RNG states (now, and at the start of this epoch)."""
         if self.path is None:
             return
-        rngs = [rng_state()]
-        epoch_rngs = [epoch_rng]
-        if self.group.world > 1:
-            rngs, epoch_rngs = [None] * self.group.world, [None] * self.group.world
-            dist.all_gather_object(rngs, rng_state())
-            dist.all_gather_object(epoch_rngs, epoch_rng)
+        rngs, epoch_rngs = self._gather(rng_state()), self._gather(epoch_rng)
         if self.group.main:
             full = {"format": FORMAT, **state, "rng": rngs, "epoch_rng": epoch_rngs}
             write_atomic(self.path, lambda tmp: torch.save(full, tmp))
+
+    def _gather(self, state: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every process's ``state``, in rank order. Sent as ``torch.save`` bytes: gloo's
+        ``all_gather_object`` cannot unpickle the tensors inside an RNG state."""
+        if self.group.world == 1:
+            return [state]
+        sent = io.BytesIO()
+        torch.save(state, sent)
+        received: list[Any] = [None] * self.group.world
+        dist.all_gather_object(received, sent.getvalue())
+        return [torch.load(io.BytesIO(data), weights_only=True) for data in received]

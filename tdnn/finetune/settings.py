@@ -14,6 +14,7 @@ from torch import nn
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("cosine", "constant")
 TRAINABLE = ("all", "factorized")
+PARALLEL = ("ddp", "fsdp")
 # Settings that only take Python objects (optimizer and scheduler also take names).
 NOT_IN_YAML = frozenset({"loss_fn"})
 
@@ -64,6 +65,7 @@ class FinetuneSettings:
     keep_best: str | None = None
     freeze_batchnorm: bool | None = None
     trainable: str = "all"
+    parallel: str = "ddp"
 
     def __post_init__(self) -> None:
         _positive_int("epochs", self.epochs)
@@ -78,6 +80,9 @@ class FinetuneSettings:
             raise ValueError(f"keep_best={self.keep_best!r}: choose 'max' (e.g. accuracy), 'min' (e.g. a loss) or None")
         if self.trainable not in TRAINABLE:
             raise ValueError(f"trainable={self.trainable!r}: choose one of {', '.join(TRAINABLE)}")
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"parallel={self.parallel!r}: choose 'ddp' (a replica per process) or 'fsdp' "
+                             f"(each process holds a shard of the model)")
         if self.freeze_batchnorm is not None and not isinstance(self.freeze_batchnorm, bool):
             raise TypeError(f"freeze_batchnorm must be true, false or null, got {self.freeze_batchnorm!r}")
         _number("momentum", self.momentum, low=0, high=1)

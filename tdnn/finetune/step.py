@@ -103,11 +103,11 @@ class TrainStep:
             self.alpha_labelled, self.alpha_unlabelled = (0.5, 1.0) if teacher is not None else (0.0, 0.0)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                "scaler": self.scaler.state_dict()}
+        """The scheduler's and the AMP scaler's state (the optimizer's depends on how the model is
+        held: :mod:`tdnn.finetune.parallel`)."""
+        return {"scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
 

@@ -31,11 +31,14 @@ class InferenceForm:
     Attributes:
         folded: ``(layer, batchnorm)`` name pairs whose BatchNorm went into the layer.
         memory_format: ``"contiguous"`` or ``"channels_last"``, the layout of the 4-D weights.
+        linear_layout: ``"rows"`` or ``"columns"``, the layout of the weights of Linear layers
+            with more outputs than inputs.
         seconds: measured seconds per call of each layout on the example (``"auto"`` only).
     """
 
     folded: list[tuple[str, str]] = field(default_factory=list)
     memory_format: str = "contiguous"
+    linear_layout: str = "rows"
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -151,16 +154,39 @@ def _fold_checked(model: nn.Module, example: Any) -> tuple[nn.Module, list[tuple
     return _fold(model, pairs), pairs
 
 
+def _wide(model: nn.Module) -> list[nn.Linear]:
+    """The Linear layers with more outputs than inputs (a factorized layer's second factor, an FFN's
+    up projection, an LM head)."""
+    return [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features > m.in_features]
+
+
+def _by_columns(model: nn.Module) -> None:
+    """Store the weights of ``model``'s wide Linear layers column by column (same values, shape and
+    Parameter objects, so ties hold): a product with one input row then streams rows of ``wᵀ``,
+    which CPU kernels do up to twice as fast for such a matrix (measured with 2 threads: 256→1536,
+    17 vs 8.4 GB/s); with many input rows either layout runs alike."""
+    with torch.no_grad():
+        for layer in _wide(model):
+            layer.weight.data = layer.weight.data.t().contiguous().t()
+
+
+def _sharing_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with its own wide Linear weights, sharing every other tensor (memory: those weights)."""
+    own = {id(layer.weight) for layer in _wide(model)}
+    memo: dict[int, Any] = {id(t): t for t in [*model.parameters(), *model.buffers()] if id(t) not in own}
+    return copy.deepcopy(model, memo)
+
+
 def _timed(models: dict[str, nn.Module], example: Any) -> dict[str, float]:
     """The default :data:`ModelTimer`: interleaved median latency, short (whole models are slow)."""
     return latencies(models, example, warmup=1, repeats=5)
 
 
 def optimize_for_inference(model: nn.Module, example: Any, *, fold_batchnorm: bool = True,
-                           memory_format: str = "auto", inplace: bool = False,
+                           memory_format: str = "auto", linear_layout: str = "auto", inplace: bool = False,
                            timer: ModelTimer | None = None) -> nn.Module:
     """The model in eval mode, in the form that runs fastest: BatchNorm folded into the layer before
-    it, and the memory layout (``channels_last`` or contiguous) measured on ``example``.
+    it, and the memory layouts of convolution and Linear weights measured on ``example``.
 
     Works on any model, dense or compressed: a BatchNorm after a factorized layer folds into its
     last factor, so a Tucker-2 chain stays three convolutions. Folding is exact up to rounding.
@@ -180,6 +206,11 @@ def optimize_for_inference(model: nn.Module, example: Any, *, fold_batchnorm: bo
             ``Conv1d`` or ``Linear`` into the layer.
         memory_format: ``"auto"`` (time both layouts on ``example``, interleaved, keep the faster),
             ``"channels_last"`` or ``"contiguous"``.
+        linear_layout: the weights of Linear layers with more outputs than inputs (a factorized
+            layer's second factor, an FFN's up projection) stored ``"rows"`` (PyTorch's default)
+            or ``"columns"`` (transposed in memory; the same values and shape) — for an LLM decoding
+            at batch 1 on CPU, columns read these matrices up to twice as fast; ``"auto"`` times
+            both on ``example`` (give a decoding-shaped one: ``input_ids`` of one token).
         inplace: modify ``model`` itself instead of a deep copy.
         timer: ``(models, example) -> seconds per model`` to replace the clock (for tests).
 
@@ -198,6 +229,8 @@ def optimize_for_inference(model: nn.Module, example: Any, *, fold_batchnorm: bo
     """
     if memory_format not in ("auto", *FORMATS):
         raise ValueError(f"memory_format must be 'auto', 'channels_last' or 'contiguous', got {memory_format!r}")
+    if linear_layout not in ("auto", "rows", "columns"):
+        raise ValueError(f"linear_layout must be 'auto', 'rows' or 'columns', got {linear_layout!r}")
     if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
         raise ValueError("optimize_for_inference needs real weights; this model has tensors on the meta device")
     if not inplace:
@@ -216,5 +249,16 @@ def optimize_for_inference(model: nn.Module, example: Any, *, fold_batchnorm: bo
                 memory_format = "contiguous"
         form.memory_format = memory_format
         model = model.to(memory_format=FORMATS[memory_format])
+        if linear_layout == "auto":
+            linear_layout = "rows"
+            if _wide(model):
+                columns = _sharing_copy(model)
+                _by_columns(columns)
+                seconds = dict((timer or _timed)({"rows": model, "columns": columns}, example))
+                form.seconds.update(seconds)
+                linear_layout = min(seconds, key=seconds.__getitem__)
+        form.linear_layout = linear_layout
+        if linear_layout == "columns":
+            _by_columns(model)
     setattr(model, INFERENCE_ATTR, form)
     return model

@@ -1,4 +1,5 @@
-"""optimize_for_inference: BatchNorm folding that is exact and refuses unsafe folds; memory layout."""
+"""optimize_for_inference: BatchNorm folding that is exact and refuses unsafe folds; memory layouts
+of convolution and Linear weights."""
 
 import types
 
@@ -242,3 +243,59 @@ def test_inplace_and_no_folding():
 def test_bad_memory_format():
     with pytest.raises(ValueError, match="memory_format"):
         optimize_for_inference(_net(), torch.randn(1, 4, 10, 10), memory_format="nhwc")
+    with pytest.raises(ValueError, match="linear_layout must be 'auto', 'rows' or 'columns', got 'nt'"):
+        optimize_for_inference(_net(), torch.randn(1, 4, 10, 10), linear_layout="nt")
+
+
+class TiedLM(nn.Module):
+    """An embedding, a factorized (16 -> 4 -> 48) block and an LM head tied to the embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(40, 16)
+        self.ffn = tdnn.compress_model(nn.Sequential(nn.Linear(16, 48), nn.ReLU(), nn.Linear(48, 16)), ranks=4)
+        self.head = nn.Linear(16, 40, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(self.ffn(self.embed(ids)))
+
+
+@pytest.mark.parametrize("fastest", ["rows", "columns"])
+def test_wide_linear_weights_by_columns_when_faster(fastest):
+    net, ids = TiedLM().eval(), torch.randint(0, 40, (1, 1))
+    seen = {}
+
+    def timer(models, example):
+        seen.update(models)
+        return {name: 1.0 if name == fastest else 2.0 for name in models}
+
+    fast = optimize_for_inference(net, ids, timer=timer)
+    assert sorted(seen) == ["columns", "rows"] and fast.tdnn_inference.linear_layout == fastest
+    assert fast.tdnn_inference.seconds == {"rows": 1.0 if fastest == "rows" else 2.0,
+                                           "columns": 1.0 if fastest == "columns" else 2.0}
+    # the timed copy had its own wide weights only: 16 -> 4 (narrow) is shared, 4 -> 48 is not
+    rows, columns = seen["rows"], seen["columns"]
+    assert columns.ffn[0].first.weight is rows.ffn[0].first.weight
+    assert columns.ffn[0].last.weight is not rows.ffn[0].last.weight
+    # wide: 4 -> 48, 4 -> 16 (second factors) and 16 -> 40 (the head, tied to the embedding)
+    wide = [fast.ffn[0].last.weight, fast.ffn[2].last.weight, fast.head.weight]
+    narrow = [fast.ffn[0].first.weight, fast.ffn[2].first.weight]  # 16 -> 4 and 48 -> 4
+    assert all(w.t().is_contiguous() == (fastest == "columns") for w in wide)
+    assert all(w.is_contiguous() for w in narrow)
+    assert fast.head.weight is fast.embed.weight  # the tie holds
+    assert net.head.weight.is_contiguous()  # the input model is left as it was
+    torch.testing.assert_close(fast(torch.arange(40)[None]), net(torch.arange(40)[None]), rtol=1e-5, atol=1e-6)
+
+
+def test_linear_layout_in_place_and_saved():
+    net, ids = TiedLM().eval(), torch.arange(40)[None]
+    want = net(ids)
+    same = optimize_for_inference(net, ids, linear_layout="columns", inplace=True, timer=_never)
+    assert same is net and net.ffn[0].last.weight.t().is_contiguous()
+    assert isinstance(net.ffn[0].last.weight, nn.Parameter) and net.head.weight is net.embed.weight
+    torch.testing.assert_close(net(ids), want, rtol=1e-5, atol=1e-6)
+    copy = TiedLM().eval()
+    copy.load_state_dict(net.state_dict())
+    torch.testing.assert_close(copy(ids), net(ids), rtol=1e-5, atol=1e-6)

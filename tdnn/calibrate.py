@@ -227,9 +227,11 @@ class Calibration:
 
     def __init__(self, batches: Iterable[Any], *, keep: bool = True) -> None:
         self.batches, self.keep = batch_list(batches), keep
-        # layer name -> (a fingerprint of the layer's weight, the value)
-        self.stats: dict[str, tuple[tuple, InputStats]] = {}
-        self.fisher: dict[str, tuple[tuple, float]] = {}
+        # layer name -> how its inputs were read ("patches", "channels"; "" for the sensitivities)
+        # -> (a fingerprint of the layer's weight, the value): SVD and Tucker-2 of one conv read
+        # different statistics, and a sweep over both methods keeps both
+        self.stats: dict[str, dict[str, tuple[tuple, InputStats]]] = {}
+        self.fisher: dict[str, dict[str, tuple[tuple, float]]] = {}
 
     def __iter__(self):
         return iter(self.batches)
@@ -238,20 +240,24 @@ class Calibration:
         return len(self.batches)
 
     @staticmethod
-    def _mark(module: nn.Module, how: str) -> tuple:
+    def _mark(module: nn.Module) -> tuple:
         w = module.weight.detach()
-        return tuple(w.shape), str(w.dtype), float(w.double().sum()), float(w.double().square().sum()), how
+        return tuple(w.shape), str(w.dtype), float(w.double().sum()), float(w.double().square().sum())
 
-    def lookup(self, table: dict[str, tuple[tuple, Any]], name: str, module: nn.Module, how: str = "") -> Any:
-        """``name``'s entry in ``table`` (``stats`` or ``fisher``) if kept for this very weight (and
-        the same geometry ``how`` of its inputs), else ``None``."""
-        entry = table.get(name)
-        return entry[1] if entry is not None and entry[0] == self._mark(module, how) else None
+    def lookup(self, table: dict[str, dict[str, tuple[tuple, Any]]], name: str, module: nn.Module,
+               how: str = "") -> Any:
+        """``name``'s entry in ``table`` (``stats`` or ``fisher``) for the geometry ``how`` of its
+        inputs, if kept for this very weight, else ``None``."""
+        entry = table.get(name, {}).get(how)
+        return entry[1] if entry is not None and entry[0] == self._mark(module) else None
 
-    def store(self, table: dict[str, tuple[tuple, Any]], name: str, module: nn.Module, value: Any,
+    def store(self, table: dict[str, dict[str, tuple[tuple, Any]]], name: str, module: nn.Module, value: Any,
               how: str = "") -> None:
         if self.keep:
-            table[name] = (self._mark(module, how), value)
+            kept = table.setdefault(name, {})
+            if any(mark != self._mark(module) for mark, _ in kept.values()):
+                kept.clear()  # another weight under this name: what was kept for the old one goes
+            kept[how] = (self._mark(module), value)
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from tdnn import blockwise, calibrate, decompose, registry, walk
 from tdnn.budget import Budget, allocate
 from tdnn.calibrate import Whitening
 from tdnn.cost import layer_cost, model_flops
-from tdnn.latency import LatencyTimer, latencies, latency_ratio
+from tdnn.latency import LatencyTimer, best_latencies, latency_ratio
 from tdnn.layers import Factorized
 from tdnn.plan import PLAN_ATTR, LayerPlan, Plan
 from tdnn.ranks import NO_ENTRY, VBMF, Energy, RankRule, dense_param_count, rank_for_ratio, rank_from_spectra
@@ -143,8 +143,8 @@ def _allocate(model: nn.Module, layers: list[_Job], budget: Budget, runs: blockw
         total = sum(p.numel() for p in model.parameters())
     elif budget.measure == "flops":
         total = model_flops(model, runs.batches[0])
-    else:  # the whole model's latency: its layers (timed alone) and the rest
-        total = max(latencies({"model": model}, runs.batches[0], warmup=1, repeats=5)["model"], offered)
+    else:  # the whole model's latency: its layers (timed alone) and the rest, all in their faster layouts
+        total = max(best_latencies({"model": model}, runs.batches[0], warmup=1, repeats=5)["model"], offered)
     fixed = total - offered
     offers = [(l.module, l.cls, l.spectra if l.spectra is not None else l.cls.spectra(l.module, name=l.name),
                l.input_shape, weights[l.name]) for l in layers]

@@ -230,27 +230,6 @@ class _Fidelity:
         return hits / max(total, 1)
 
 
-class _Calibrations:
-    """One kept :class:`tdnn.Calibration` per way the methods read the layers' inputs (a conv's
-    unfolded patches for SVD, its channel vectors for Tucker-2 and CP), sharing the sensitivities:
-    a Calibration keeps statistics by layer name only."""
-
-    def __init__(self, model: nn.Module, calibration: Iterable[Any] | None) -> None:
-        self.model, self.first = model, calibration
-        if calibration is not None and not (isinstance(calibration, Calibration) and calibration.keep):
-            self.first = Calibration(calibration)
-        self.by_geometry: dict[tuple, Calibration] = {}
-
-    def __call__(self, method: str) -> Calibration:
-        key = tuple(getattr(registry.factorized_class(m, method), "geometry", None)
-                    for _, m, _ in walk.named_layers(self.model))
-        if key not in self.by_geometry:
-            cal = self.first if not self.by_geometry else Calibration(self.first.batches)
-            cal.fisher = self.first.fisher  # the sensitivities do not depend on the method
-            self.by_geometry[key] = cal
-        return self.by_geometry[key]
-
-
 @dataclass
 class _Run:
     """What every point of one sweep shares."""
@@ -258,7 +237,7 @@ class _Run:
     original: nn.Module
     evaluate: Evaluate
     measure: str
-    calibrations: _Calibrations
+    calibration: Calibration | None  # kept statistics, shared by every method and budget
     probe: Any  # the batch FLOPs and latency are measured on, or None
     timed: bool
     options: dict[str, Any]
@@ -280,7 +259,7 @@ class _Run:
     def compress(self, mode: str, method: str, target: float) -> tuple[nn.Module, float]:
         start = time.perf_counter()
         small = compress_model(self.original, budget=Budget(**{self.measure: target}), method=method,
-                               calibration=None if mode == "plain" else self.calibrations(method),
+                               calibration=None if mode == "plain" else self.calibration,
                                sequential=mode == "sequential", **self.options)
         return small, time.perf_counter() - start
 
@@ -416,8 +395,9 @@ def sweep(model: nn.Module, evaluate: Evaluate | None = None, *, targets: Sequen
         raise ValueError("give inputs= (or calibration=): batches to measure fidelity and latency on; or pass "
                          "evaluate= and latency=False")
     judge = evaluate if evaluate is not None else _Fidelity(model, inputs)
-    run = _Run(model, judge, measure, _Calibrations(model, calibration), None if inputs is None else inputs[0],
-               latency, options)
+    if calibration is not None and not (isinstance(calibration, Calibration) and calibration.keep):
+        calibration = Calibration(calibration)
+    run = _Run(model, judge, measure, calibration, None if inputs is None else inputs[0], latency, options)
     plan = [(mode, method, float(t)) for mode in modes for method in methods for t in targets]
     points = []
     for mode, method, target in tqdm(plan, desc="sweep", disable=not progress):

@@ -202,6 +202,24 @@ def test_conv_latency_counts_each_module_in_its_faster_layout(monkeypatch):
     assert len(seen) == 4 and all(m is not dense and m is not small for m in seen.values())
 
 
+def test_latency_budget_times_conv_layers_in_their_faster_layout(monkeypatch):
+    # Budget(latency=) costs each layer as optimize_for_inference would deploy it: a conv chain that
+    # is fast only in channels_last counts at that speed (it once counted contiguous times only)
+    from tdnn import cost, latency
+
+    def fake(models, batch, **kwargs):
+        return {name: 1.0 if name.endswith("channels_last") else 3.0 for name in models}
+
+    monkeypatch.setattr(latency, "latencies", fake)
+    cost._timed.cache_clear()
+    try:
+        conv = nn.Conv2d(8, 8, 3, padding=1)
+        assert cost.layer_cost("latency", conv, tdnn.Tucker2Conv2d, (4, 4), (1, 8, 6, 6)) == 1.0
+        assert cost.layer_cost("latency", nn.Linear(8, 8), input_shape=(2, 8)) == 3.0  # no layouts to choose
+    finally:
+        cost._timed.cache_clear()
+
+
 @pytest.mark.parametrize("layer, cls, shape", [
     (nn.Linear(48, 40), tdnn.SVDLinear, (3, 7, 48)),
     (nn.Conv2d(16, 24, 1, stride=2, bias=False), tdnn.SVDConv2d, (2, 16, 9, 9)),

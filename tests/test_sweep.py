@@ -131,6 +131,22 @@ def test_methods_and_modes_each_collect_what_they_need():
     assert sum(calls) > 2 * len(batches)  # sequential fits behind compressed layers: its own passes
 
 
+def test_one_calibration_keeps_the_statistics_of_every_method():
+    # a Calibration keeps a conv's statistics per way of reading its inputs, so going back to a
+    # method costs no pass (it once kept one geometry per layer name: the second overwrote the first)
+    net = small_resnet().eval()
+    batches = [images(16, s) for s in range(2)]
+    calls = count_calibration_passes(net, batches)
+    data = tdnn.Calibration(batches)
+    first = tdnn.compress_model(net, ranks=0.5, method="svd", calibration=data)
+    tdnn.compress_model(net, ranks=0.5, method="tucker2", calibration=data)
+    assert sum(calls) == 2 * len(batches)
+    again = tdnn.compress_model(net, ranks=0.5, method="svd", calibration=data)
+    assert sum(calls) == 2 * len(batches)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+    assert {how for kept in data.stats.values() for how in kept} == {"patches", "channels"}
+
+
 def test_a_transformer_sweep_in_one_pass_with_token_fidelity():
     model = tiny_llama()
     batches = [tokens(0), tokens(1, pad=3)]

@@ -26,12 +26,14 @@ def flop_clock(monkeypatch):
     """Latency measured by a deterministic clock: a module takes as long as its FLOPs (1 GFLOP = 1 s).
     The real clock is noisy; a test of what a latency budget does must not depend on it (a target
     that a busy machine's timings put out of reach once failed CI)."""
-    from tdnn import cost, latency
+    from tdnn import compress, cost, inference, latency
 
     def clock(models, batch, **kwargs):
         return {name: cost.model_flops(m, batch) * 1e-9 for name, m in models.items()}
 
     monkeypatch.setattr(latency, "latencies", clock)  # under best_latencies, in every layout
+    monkeypatch.setattr(inference, "latencies", clock)  # optimize_for_inference's choice of layouts
+    monkeypatch.setattr(compress, "latencies", clock)  # whole models, dense and compressed
     cost._timed.cache_clear()
     yield clock
     cost._timed.cache_clear()

@@ -8,7 +8,7 @@ import os
 import tempfile
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -19,7 +19,8 @@ from tdnn import blockwise, calibrate, decompose, registry, walk
 from tdnn.budget import Budget, allocate
 from tdnn.calibrate import Whitening
 from tdnn.cost import layer_cost, model_flops
-from tdnn.latency import LatencyTimer, best_latencies, latency_ratio
+from tdnn.inference import optimize_for_inference
+from tdnn.latency import LatencyTimer, latencies, latency_ratio
 from tdnn.layers import Factorized
 from tdnn.plan import PLAN_ATTR, LayerPlan, Plan
 from tdnn.ranks import NO_ENTRY, VBMF, Energy, RankRule, dense_param_count, rank_for_ratio, rank_from_spectra
@@ -129,6 +130,55 @@ def _error_weight(fisher: torch.Tensor, layer: _Job) -> float:
     return float(per_channel.mean()) * float(layer.spectra[0].square().sum())
 
 
+LATENCY_ROUNDS = 4  # whole-model measurements a latency budget may take to land on its target
+LATENCY_TOLERANCE = 0.05
+
+
+def _deployed_ratio(model: nn.Module, deployed: nn.Module, layers: list[_Job], ranks: list[Any], batch: Any) -> float:
+    """Latency of ``model`` with the factorized forms at ``ranks`` (random factors: the time does
+    not depend on them), deployed, over that of the dense ``deployed`` — timed interleaved."""
+    trial = copy.deepcopy(model)
+    modules = dict(trial.named_modules())
+    g = torch.Generator().manual_seed(0)
+    forms = {}
+    for l, rank in zip(layers, ranks):
+        if rank is not None:
+            forms[id(modules[l.name])] = form = l.cls.structure(modules[l.name], rank, name=l.name)
+            with torch.no_grad():
+                for p in form.parameters():
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    trial = optimize_for_inference(walk.swap(trial, forms), batch, inplace=True)
+    times = latencies({"dense": deployed, "small": trial}, batch, warmup=1, repeats=5)
+    return times["small"] / max(times["dense"], 1e-12)
+
+
+def _on_target(model: nn.Module, deployed: nn.Module, layers: list[_Job], ranks: list[Any], batch: Any,
+               allocate_at: Callable[[float], list[Any]], target: float) -> list[Any]:
+    """A latency budget's ranks, checked on the whole deployed model: layers timed alone do not add
+    up to the model's time exactly (layout changes, caches, overheads), so while the measured ratio
+    misses ``target`` by more than 5%, the ranks are allocated again at a corrected target — scaled
+    by the miss, or interpolated between measurements on either side of it — at most
+    :data:`LATENCY_ROUNDS` measurements; the closest ranks win."""
+    tried = []  # (allocation target, measured ratio, ranks)
+    fraction = target
+    for round_ in range(LATENCY_ROUNDS):
+        tried.append((fraction, _deployed_ratio(model, deployed, layers, ranks, batch), ranks))
+        below = [t for t in tried if t[1] <= target]
+        above = [t for t in tried if t[1] > target]
+        if abs(tried[-1][1] / target - 1) <= LATENCY_TOLERANCE or round_ == LATENCY_ROUNDS - 1:
+            break
+        if below and above:  # interpolate between the nearest measurements either side
+            (f0, r0, _), (f1, r1, _) = max(below, key=lambda t: t[1]), min(above, key=lambda t: t[1])
+            fraction = f0 + (target - r0) * (f1 - f0) / (r1 - r0)
+        else:
+            fraction = min(1.0, fraction * target / tried[-1][1])
+        try:
+            ranks = allocate_at(fraction)
+        except ValueError:  # out of reach at the corrected target: keep what was measured
+            break
+    return min(tried, key=lambda t: abs(t[1] / target - 1))[2]
+
+
 def _allocate(model: nn.Module, layers: list[_Job], budget: Budget, runs: blockwise.Runs | None,
               multiple: int) -> None:
     if budget.measure != "params" and runs is None:
@@ -143,12 +193,19 @@ def _allocate(model: nn.Module, layers: list[_Job], budget: Budget, runs: blockw
         total = sum(p.numel() for p in model.parameters())
     elif budget.measure == "flops":
         total = model_flops(model, runs.batches[0])
-    else:  # the whole model's latency: its layers (timed alone) and the rest, all in their faster layouts
-        total = max(best_latencies({"model": model}, runs.batches[0], warmup=1, repeats=5)["model"], offered)
+    else:  # the whole model's latency as deployed (BatchNorm folded, faster layouts): its layers
+        # (timed alone, in their faster layouts) and the rest, which stays
+        deployed = optimize_for_inference(model, runs.batches[0])
+        total = max(latencies({"model": deployed}, runs.batches[0], warmup=1, repeats=5)["model"], offered)
     fixed = total - offered
     offers = [(l.module, l.cls, l.spectra if l.spectra is not None else l.cls.spectra(l.module, name=l.name),
                l.input_shape, weights[l.name]) for l in layers]
-    for l, rank in zip(layers, allocate(offers, budget, total=total, fixed=fixed, multiple=multiple)):
+    ranks = allocate(offers, budget, total=total, fixed=fixed, multiple=multiple)
+    if budget.measure == "latency":
+        ranks = _on_target(model, deployed, layers, ranks, runs.batches[0],
+                           lambda f: allocate(offers, replace(budget, latency=f), total=total, fixed=fixed,
+                                              multiple=multiple), budget.fraction)
+    for l, rank in zip(layers, ranks):
         if rank is None:
             l.entry.reason, l.cls = "the budget keeps this layer dense", None
         else:

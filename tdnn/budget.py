@@ -34,11 +34,11 @@ class Budget:
             which fixes the input size).
         latency: fraction of the model's latency to keep, in ``(0, 1]``, measured on the current
             device at the first calibration batch's size (so calibrate with batches shaped as you
-            will serve), for the model as deployed (:func:`tdnn.optimize_for_inference`): each
-            layer's latency dense and at a few ranks, in its faster memory layout, timed once per
-            process and cached, allocates; then the whole deployed model is timed (a copy with
-            random factors at those ranks, against the dense one) and the ranks are allocated
-            again while it misses the target by more than 5% (at most 4 measurements).
+            will serve), for the model as deployed (:func:`tdnn.optimize_for_inference`). Ranks
+            are allocated from each layer's latency dense and at a few ranks (in its faster memory
+            layout, timed once per process and cached); then the whole deployed model is timed (a
+            copy with random factors at those ranks, against the dense one) and the ranks are
+            allocated again while it misses the target by more than 5% (at most 4 measurements).
         sensitivity: weigh each layer's output error by its measured effect on the model's output
             (with calibration data); ``False`` weighs every layer's relative error alike.
 

@@ -254,10 +254,10 @@ class Calibration:
     def store(self, table: dict[str, dict[str, tuple[tuple, Any]]], name: str, module: nn.Module, value: Any,
               how: str = "") -> None:
         if self.keep:
-            kept = table.setdefault(name, {})
-            if any(mark != self._mark(module) for mark, _ in kept.values()):
+            kept, mark = table.setdefault(name, {}), self._mark(module)
+            if any(old != mark for old, _ in kept.values()):
                 kept.clear()  # another weight under this name: what was kept for the old one goes
-            kept[how] = (self._mark(module), value)
+            kept[how] = (mark, value)
 
 
 @torch.no_grad()

@@ -162,7 +162,7 @@ def _on_target(model: nn.Module, deployed: nn.Module, layers: list[_Job], ranks:
     tried = []  # (allocation target, measured ratio, ranks)
     fraction = target
     for round_ in range(LATENCY_ROUNDS):
-        tried.append((fraction, _deployed_ratio(model, deployed, layers, ranks, batch), ranks))
+        tried.append((fraction, max(_deployed_ratio(model, deployed, layers, ranks, batch), 1e-12), ranks))
         below = [t for t in tried if t[1] <= target]
         above = [t for t in tried if t[1] > target]
         if abs(tried[-1][1] / target - 1) <= LATENCY_TOLERANCE or round_ == LATENCY_ROUNDS - 1:
@@ -189,6 +189,7 @@ def _allocate(model: nn.Module, layers: list[_Job], budget: Budget, runs: blockw
         # cost of an error = Fisher weight × its whitened energy (estimate_error is relative)
         weights = {l.name: _error_weight(fisher[l.name], l) for l in layers}
     offered = sum(layer_cost(budget.measure, l.module, input_shape=l.input_shape) for l in layers)
+    deployed: nn.Module | None = None  # the dense model as deployed, for a latency budget
     if budget.measure == "params":
         total = sum(p.numel() for p in model.parameters())
     elif budget.measure == "flops":
@@ -201,7 +202,7 @@ def _allocate(model: nn.Module, layers: list[_Job], budget: Budget, runs: blockw
     offers = [(l.module, l.cls, l.spectra if l.spectra is not None else l.cls.spectra(l.module, name=l.name),
                l.input_shape, weights[l.name]) for l in layers]
     ranks = allocate(offers, budget, total=total, fixed=fixed, multiple=multiple)
-    if budget.measure == "latency":
+    if deployed is not None:
         ranks = _on_target(model, deployed, layers, ranks, runs.batches[0],
                            lambda f: allocate(offers, replace(budget, latency=f), total=total, fixed=fixed,
                                               multiple=multiple), budget.fraction)

@@ -33,9 +33,8 @@ def model_flops(model: nn.Module, batch: Any) -> int:
 def layer_cost(measure: str, layer: nn.Module, cls: type[Factorized] | None = None, rank: Any = None,
                input_shape: tuple[int, ...] | None = None) -> float:
     """Parameters (``measure="params"``), FLOPs on ``input_shape`` (``"flops"``) or seconds per call on
-    the layer's device (``"latency"``, a median of timed runs, in the faster memory layout for a 4-D
-input) of the dense ``layer`` (``cls=None``),
-    or of ``cls`` at ``rank`` standing in for it.
+    the layer's device (``"latency"``, a median of timed runs, in the faster memory layout for a
+    4-D input) of the dense ``layer`` (``cls=None``), or of ``cls`` at ``rank`` standing in for it.
 
     Example:
         >>> import torch, tdnn

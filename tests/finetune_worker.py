@@ -72,7 +72,7 @@ def train(*, checkpoint_dir: str | None = None, kill_after: int | None = None,
 
 
 def train_llama(parallel: str = "ddp") -> dict[str, object]:
-    """Distil a compressed tiny LLaMA (tied embeddings, rotary buffers, 3 blocks) on random tokens,
+    """Distil the factors of a compressed tiny LLaMA (tied embeddings and norms frozen, rotary buffers, 3 blocks) on random tokens,
     keeping the weights of the best held-out distillation loss; its state dict and what the run reports."""
     import transformers
 
@@ -92,7 +92,8 @@ def train_llama(parallel: str = "ddp") -> dict[str, object]:
                 return distillation_loss(model(held_out).logits, teacher(held_out).logits).item()
 
         result = tdnn.finetune(student, data, teacher=teacher, epochs=3, lr=0.5,
-                               eval_fn=held_out_loss, keep_best="min", progress=False, parallel=parallel)
+                               eval_fn=held_out_loss, keep_best="min", progress=False, parallel=parallel,
+                               trainable="factorized")
     finally:
         torch.set_num_threads(threads)
     assert student.lm_head.weight is student.model.embed_tokens.weight, "the tie is kept"

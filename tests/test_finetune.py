@@ -209,14 +209,15 @@ def test_torchrun_matches_single_process(tmp_path, single_process_weights, paral
 
 
 def test_fsdp_trains_a_tied_llama_like_one_process(tmp_path):
-    # FSDP2 over the 3 decoder blocks and the root, the teacher sharded too; the worker checks the
+    # FSDP2 over the 3 decoder blocks and the root, the teacher sharded too; only the factors train
+    # (norms and the tied embedding frozen inside the same sharded groups); the worker checks the
     # lm_head/embedding tie survives and the model comes back plain; keep_best evaluates the
     # sharded model on every process and restores its weights
     pytest.importorskip("transformers")
     single = worker.train_llama()
     torchrun(tmp_path / "out.pt", "--llama", "--parallel", "fsdp")
     sharded = torch.load(tmp_path / "out.pt", weights_only=False)
-    assert single["evals"][-1] < single["evals"][0] / 2, single["evals"]  # it learns
+    assert single["evals"][-1] < 0.8 * single["evals"][0], single["evals"]  # it learns
     assert sharded["best_step"] == single["best_step"]
     torch.testing.assert_close(sharded["evals"], single["evals"], rtol=1e-3, atol=0)
     for name, weight in single["state"].items():
@@ -263,3 +264,27 @@ def test_bad_input_is_refused(teacher, digits):
     with pytest.raises(ValueError, match="divisible by the 3 processes"):
         from tdnn.finetune.data import EpochData
         EpochData(DataLoader(TensorDataset(x, y), batch_size=64), world=3, rank=0, seed=0)
+
+
+def test_sharded_twins_keep_tensor_attributes_that_are_not_parameters():
+    # FSDP's twin is made on the meta device; a plain tensor attribute (an alias of a buffer, as
+    # some Hugging Face rotary embeddings keep, or a tensor of its own) must not stay on meta
+    import copy as copying
+
+    from tdnn.finetune.parallel import _aliases
+
+    class Rotary(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("inv_freq", torch.arange(4.0), persistent=False)
+            self.original = self.inv_freq  # an alias
+            self.table = torch.ones(3)  # a tensor of its own
+
+    model = nn.Sequential(Rotary())
+    memo = {id(t): torch.empty_like(t, device="meta") for t in [*model.buffers(), model[0].table]}
+    twin = copying.deepcopy(model, memo)
+    twin.to_empty(device="cpu")
+    assert twin[0].original.is_meta and twin[0].table.is_meta
+    _aliases(model, twin)
+    assert twin[0].original is twin[0].inv_freq and torch.equal(twin[0].table, model[0].table)
+    assert twin[0].table is not model[0].table

@@ -297,5 +297,8 @@ def test_linear_layout_in_place_and_saved():
     assert isinstance(net.ffn[0].last.weight, nn.Parameter) and net.head.weight is net.embed.weight
     torch.testing.assert_close(net(ids), want, rtol=1e-5, atol=1e-6)
     copy = TiedLM().eval()
+    with torch.no_grad():
+        for p in copy.parameters():
+            p.zero_()
     copy.load_state_dict(net.state_dict())
     torch.testing.assert_close(copy(ids), net(ids), rtol=1e-5, atol=1e-6)

@@ -64,8 +64,8 @@ class FinetuneResult:
 class _Best:
     """The best weights by ``eval_fn`` so far (step 0: before training), to restore at the end."""
 
-    def __init__(self, direction: str | None, group: ddp.Group, weights: Replicas) -> None:
-        self.direction, self.group, self.holder = direction, group, weights
+    def __init__(self, direction: str | None, group: ddp.Group, holder: Replicas) -> None:
+        self.direction, self.group, self.holder = direction, group, holder
         self.step: int | None = None
         self.value: float | None = None
         self.weights: dict[str, torch.Tensor] | None = None
@@ -148,7 +148,7 @@ class _Run:
 
     def _resume(self) -> None:
         state = self.checkpoints.read(self.record, total=self.total, epochs=self.settings.epochs,
-                                      per_epoch=self.per_epoch, device=self.device)
+                                      per_epoch=self.per_epoch, device=self.held.load_device)
         if state is None:
             return
         self.held.load_model_state(state["model"])
@@ -286,7 +286,8 @@ def finetune(model: nn.Module, data: Iterable[Any], settings: FinetuneSettings |
         teacher: the reference model for distillation (kept frozen, in eval mode).
         eval_fn: ``model -> value`` called after every epoch (and before training, with
             ``keep_best``) with the model in eval mode (on every process under ``torchrun``); values
-            are kept in the result and the checkpoint.
+            are kept in the result and the checkpoint. Evaluate the model it is given: with
+            ``parallel="fsdp"`` that is the sharded copy being trained, not ``model``.
         checkpoint_dir: directory for ``last.pt``; enables resume. Checked for writing at once.
         resume: continue from ``checkpoint_dir/last.pt`` when it exists; ``False`` starts afresh
             and overwrites it (never a file tdnn did not write).

@@ -23,6 +23,7 @@ class Replicas:
     def __init__(self, model: nn.Module, group: Group, device: torch.device) -> None:
         self.model = self.module = model.to(device)
         self.main = group.main
+        self.load_device = device  # where a checkpoint is read to
         self.net: nn.Module = model if group.world == 1 else nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -63,14 +64,17 @@ class Shards(Replicas):
         from torch.distributed.device_mesh import init_device_mesh
 
         self.model, self.main = model, group.main
+        self.load_device = torch.device("cpu")  # full tensors: only rank 0's are used, never on a device
         self.mesh = init_device_mesh(device.type, (group.world,))
-        self.module = self.net = self._shard(model, device)
+        self.module = self.net = self._shard(model, device, frozen=False)
 
     def teacher(self, teacher: nn.Module, device: torch.device) -> nn.Module:
         """The teacher sharded the same way (it need not fit one device either)."""
-        return self._shard(teacher, device)
+        return self._shard(teacher, device, frozen=True)
 
-    def _shard(self, model: nn.Module, device: torch.device) -> nn.Module:
+    def _shard(self, model: nn.Module, device: torch.device, *, frozen: bool) -> nn.Module:
+        """A sharded twin of ``model``; ``frozen`` (forward only): the root is resharded after its
+        forward too, as no backward follows to do it."""
         from torch.distributed.fsdp import fully_shard
 
         memo: dict[int, Any] = {}  # deepcopy maps each tensor to an empty one on meta: ties stay ties
@@ -81,12 +85,13 @@ class Shards(Replicas):
         names = find_blocks(twin, None, lambda m: any(True for _ in m.parameters()))
         for name in names:
             fully_shard(twin.get_submodule(name), mesh=self.mesh)
-        fully_shard(twin, mesh=self.mesh)
+        fully_shard(twin, mesh=self.mesh, reshard_after_forward=True if frozen else None)
         twin.to_empty(device=device)
         _set_model_state(twin, model.state_dict(), broadcast=False)
         with torch.no_grad():  # buffers are not sharded; non-persistent ones are in no state dict
             for name, buffer in model.named_buffers():
                 twin.get_buffer(name).copy_(buffer)
+        _aliases(model, twin)
         return twin
 
     def model_state(self) -> State:
@@ -111,11 +116,29 @@ class Shards(Replicas):
                                  options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
     def finish(self) -> None:
-        """Gather the trained weights into the user's (plain) model, on every process."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        """Gather the trained weights into the user's (plain) model, on every process, one tensor
+        at a time (the whole model need not fit the device)."""
+        from torch.distributed.tensor import DTensor
 
-        full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True))
-        self.model.load_state_dict(full)
+        targets = self.model.state_dict()
+        with torch.no_grad():
+            for name, value in self.module.state_dict().items():
+                targets[name].copy_(value.full_tensor() if isinstance(value, DTensor) else value)
+
+
+def _aliases(model: nn.Module, twin: nn.Module) -> None:
+    """Point tensor attributes that are not parameters or buffers (Hugging Face's rotary
+    ``original_inv_freq``, an alias of the ``inv_freq`` buffer) where the model's point: to the
+    twin's buffer of the same tensor, else to a copy — not to the empty meta tensor the twin was
+    made with."""
+    for name, module in model.named_modules():
+        copy_of = twin.get_submodule(name)
+        buffers = {id(b): n for n, b in module.named_buffers(recurse=False)}
+        for attr, value in vars(module).items():
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+                device = next((b.device for b in copy_of.buffers()), value.device)
+                setattr(copy_of, attr, copy_of.get_buffer(buffers[id(value)]) if id(value) in buffers
+                        else value.detach().clone().to(device))
 
 
 def _set_model_state(module: nn.Module, state: State, *, broadcast: bool) -> None:

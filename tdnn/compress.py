@@ -158,7 +158,8 @@ def _on_target(model: nn.Module, deployed: nn.Module, layers: list[_Job], ranks:
     up to the model's time exactly (layout changes, caches, overheads), so while the measured ratio
     misses ``target`` by more than 5%, the ranks are allocated again at a corrected target — scaled
     by the miss, or interpolated between measurements on either side of it — at most
-    :data:`LATENCY_ROUNDS` measurements; the closest ranks win."""
+    :data:`LATENCY_ROUNDS` measurements; the closest ranks not slower than the target (with the
+    tolerance) win, else the closest."""
     tried = []  # (allocation target, measured ratio, ranks)
     fraction = target
     for round_ in range(LATENCY_ROUNDS):
@@ -176,7 +177,8 @@ def _on_target(model: nn.Module, deployed: nn.Module, layers: list[_Job], ranks:
             ranks = allocate_at(fraction)
         except ValueError:  # out of reach at the corrected target: keep what was measured
             break
-    return min(tried, key=lambda t: abs(t[1] / target - 1))[2]
+    within = [t for t in tried if t[1] <= target * (1 + LATENCY_TOLERANCE)]  # a budget: not slower
+    return min(within or tried, key=lambda t: abs(t[1] / target - 1))[2]
 
 
 def _allocate(model: nn.Module, layers: list[_Job], budget: Budget, runs: blockwise.Runs | None,

@@ -324,7 +324,8 @@ def finetune(model: nn.Module, data: Iterable[Any], settings: FinetuneSettings |
               process; ``"fsdp"`` (FSDP2, ``torch.distributed.fsdp.fully_shard``) shards each
               parameter, its gradient and optimizer state over the processes (the teacher too), for
               models whose replicas do not fit one device. Each block (the longest ``nn.ModuleList``
-              of one module type) and the root are sharded; the model passed in stays a plain
+              of one module type) and the root are sharded (a model without such a list is one
+              group, gathered whole for each forward); the model passed in stays a plain
               module and gets the trained weights at the end; checkpoints hold full tensors. One
               process trains the model as it is.
 

@@ -127,10 +127,9 @@ class Shards(Replicas):
 
 
 def _aliases(model: nn.Module, twin: nn.Module) -> None:
-    """Point tensor attributes that are not parameters or buffers (Hugging Face's rotary
-    ``original_inv_freq``, an alias of the ``inv_freq`` buffer) where the model's point: to the
-    twin's buffer of the same tensor, else to a copy — not to the empty meta tensor the twin was
-    made with."""
+    """Point tensor attributes that are not parameters or buffers (e.g. an alias of a buffer kept
+    as a plain attribute, as some rotary embeddings do) where the model's point: to the twin's
+    buffer of the same tensor, else to a copy — not to the empty meta tensor the twin was made with."""
     for name, module in model.named_modules():
         copy_of = twin.get_submodule(name)
         buffers = {id(b): n for n, b in module.named_buffers(recurse=False)}

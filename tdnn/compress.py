@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from tdnn import blockwise, calibrate, decompose, registry, walk
 from tdnn.budget import Budget, allocate
 from tdnn.calibrate import Whitening
-from tdnn.cost import layer_cost, model_flops
+from tdnn.cost import layer_cost, model_flops, timing_weights
 from tdnn.inference import optimize_for_inference
 from tdnn.latency import LatencyTimer, latencies, latency_ratio
 from tdnn.layers import Factorized
@@ -140,13 +140,8 @@ def _deployed_ratio(model: nn.Module, deployed: nn.Module, layers: list[_Job], r
     trial = copy.deepcopy(model)
     modules = dict(trial.named_modules())
     g = torch.Generator().manual_seed(0)
-    forms = {}
-    for l, rank in zip(layers, ranks):
-        if rank is not None:
-            forms[id(modules[l.name])] = form = l.cls.structure(modules[l.name], rank, name=l.name)
-            with torch.no_grad():
-                for p in form.parameters():
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    forms = {id(modules[l.name]): timing_weights(l.cls.structure(modules[l.name], rank, name=l.name), g)
+             for l, rank in zip(layers, ranks) if rank is not None}
     trial = optimize_for_inference(walk.swap(trial, forms), batch, inplace=True)
     times = latencies({"dense": deployed, "small": trial}, batch, warmup=1, repeats=5)
     return times["small"] / max(times["dense"], 1e-12)

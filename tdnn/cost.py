@@ -68,6 +68,15 @@ def _counted(measure: str, cls: type[Factorized] | None, signature: tuple, rank:
     return model_flops(module, torch.empty(input_shape, device="meta", dtype=dtype))
 
 
+def timing_weights(module: nn.Module, generator: torch.Generator) -> nn.Module:
+    """``module`` with small random weights, for timing: its structure built uninitialised may
+    hold slow denormals (the time does not depend on the values otherwise)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+    return module
+
+
 @lru_cache(maxsize=65536)
 def _timed(cls: type[Factorized] | None, signature: tuple, rank: Any, input_shape: tuple[int, ...], device: str) -> float:
     kind, dtype, kwargs = signature
@@ -75,10 +84,7 @@ def _timed(cls: type[Factorized] | None, signature: tuple, rank: Any, input_shap
     module = registry.kind_named(kind).build(dict(kwargs), device="cpu", dtype=dtype)
     if cls is not None:
         module = cls.structure(module, rank)
-    with torch.no_grad():  # random values: uninitialised memory may hold slow denormals
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    module = module.to(device).eval()
+    module = timing_weights(module, g).to(device).eval()
     x = torch.randn(input_shape, generator=g).to(device=device, dtype=dtype)
     return best_latencies({"layer": module}, x, warmup=2, repeats=7)["layer"]
 

@@ -12,8 +12,10 @@ sample is fetched: no cleanup, no exception handlers, as when a job is preempted
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
+from collections.abc import Iterator
 
 import torch
 from sklearn.datasets import load_digits
@@ -52,33 +54,43 @@ def build(dropout: bool) -> tuple[nn.Module, nn.Module]:
     return student, teacher
 
 
-def train(*, checkpoint_dir: str | None = None, kill_after: int | None = None,
-          dropout: bool = False, epochs: int = 2, parallel: str = "ddp") -> dict[str, torch.Tensor]:
-    """Run the fine-tuning on one thread; return the student's final state dict."""
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Train on one torch thread (as the torchrun processes do), then restore the count."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def assert_plain(model: nn.Module) -> None:
+    """Sharded training leaves the model passed in as it was: plain tensors, no DTensors."""
+    assert all(type(t) in (torch.Tensor, nn.Parameter) for t in model.state_dict().values())
+
+
+def train(*, checkpoint_dir: str | None = None, kill_after: int | None = None,
+          dropout: bool = False, epochs: int = 2, parallel: str = "ddp") -> dict[str, torch.Tensor]:
+    """Run the fine-tuning on one thread; return the student's final state dict."""
+    with one_thread():
         student, teacher = build(dropout)
         data = DataLoader(Digits(kill_after), batch_size=64, shuffle=True)
         tdnn.finetune(student, data, teacher=teacher, epochs=epochs, lr=0.05, progress=False,
                       checkpoint_dir=checkpoint_dir, checkpoint_every=5 if checkpoint_dir else None,
                       parallel=parallel)
-    finally:
-        torch.set_num_threads(threads)
-    # sharded training leaves the model as it was: a plain module with plain tensors
     assert type(student) is nn.Sequential, type(student)
-    assert all(type(t) in (torch.Tensor, nn.Parameter) for t in student.state_dict().values())
+    assert_plain(student)
     return student.state_dict()
 
 
 def train_llama(parallel: str = "ddp") -> dict[str, object]:
-    """Distil the factors of a compressed tiny LLaMA (tied embeddings and norms frozen, rotary buffers, 3 blocks) on random tokens,
-    keeping the weights of the best held-out distillation loss; its state dict and what the run reports."""
+    """Distil the factors of a compressed tiny LLaMA (tied embeddings and norms frozen, rotary
+    buffers, 3 blocks) on random tokens, keeping the weights of the best held-out distillation
+    loss; its state dict and what the run reports."""
     import transformers
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         torch.manual_seed(0)
         config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
@@ -94,10 +106,8 @@ def train_llama(parallel: str = "ddp") -> dict[str, object]:
         result = tdnn.finetune(student, data, teacher=teacher, epochs=3, lr=0.5,
                                eval_fn=held_out_loss, keep_best="min", progress=False, parallel=parallel,
                                trainable="factorized")
-    finally:
-        torch.set_num_threads(threads)
     assert student.lm_head.weight is student.model.embed_tokens.weight, "the tie is kept"
-    assert all(type(t) in (torch.Tensor, nn.Parameter) for t in student.state_dict().values())
+    assert_plain(student)
     return {"state": student.state_dict(), "evals": result.evals, "best_step": result.best_step,
             "final_loss": held_out_loss(student)}
 

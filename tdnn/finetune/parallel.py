@@ -22,7 +22,6 @@ class Replicas:
 
     def __init__(self, model: nn.Module, group: Group, device: torch.device) -> None:
         self.model = self.module = model.to(device)
-        self.main = group.main
         self.load_device = device  # where a checkpoint is read to
         self.net: nn.Module = model if group.world == 1 else nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -63,7 +62,7 @@ class Shards(Replicas):
     def __init__(self, model: nn.Module, group: Group, device: torch.device) -> None:
         from torch.distributed.device_mesh import init_device_mesh
 
-        self.model, self.main = model, group.main
+        self.model = model
         self.load_device = torch.device("cpu")  # full tensors: only rank 0's are used, never on a device
         self.mesh = init_device_mesh(device.type, (group.world,))
         self.module = self.net = self._shard(model, device, frozen=False)

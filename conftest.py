@@ -21,19 +21,16 @@ torch.set_num_threads(int(THREADS))
 collect_ignore = [] if importlib.util.find_spec("transformers") else ["tdnn/layers/hf_conv1d.py", "tdnn/pretrained.py"]
 
 
+def _flop_clock(models, batch, **kwargs):
+    from tdnn.planning.cost import model_flops
+
+    return {name: model_flops(m, batch) * 1e-9 for name, m in models.items()}
+
+
 @pytest.fixture
-def flop_clock(monkeypatch):
+def flop_clock():
     """Latency measured by a deterministic clock: a module takes as long as its FLOPs (1 GFLOP = 1 s).
     The real clock is noisy; a test of what a latency budget does must not depend on it (a target
-    that a busy machine's timings put out of reach once failed CI)."""
-    from tdnn import compress, cost, inference, latency
-
-    def clock(models, batch, **kwargs):
-        return {name: cost.model_flops(m, batch) * 1e-9 for name, m in models.items()}
-
-    monkeypatch.setattr(latency, "latencies", clock)  # under best_latencies, in every layout
-    monkeypatch.setattr(inference, "latencies", clock)  # optimize_for_inference's choice of layouts
-    monkeypatch.setattr(compress, "latencies", clock)  # whole models, dense and compressed
-    cost._timed.cache_clear()
-    yield clock
-    cost._timed.cache_clear()
+    that a busy machine's timings put out of reach once failed CI). Pass it where tdnn takes a
+    clock: ``Budget(latency=..., timer=flop_clock)``, ``optimize_for_inference(..., timer=flop_clock)``."""
+    return _flop_clock

@@ -43,9 +43,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import fidelity  # noqa: E402
 import llm  # noqa: E402
 import llm_speed  # noqa: E402
-import tdnn  # noqa: E402
-from tdnn.latency import latencies  # noqa: E402
 
+import tdnn  # noqa: E402
+from tdnn.core.timing import latencies  # noqa: E402
 
 DECODER = "model.layers."
 

@@ -47,8 +47,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import tdnn  # noqa: E402
-from tdnn.cost import layer_cost  # noqa: E402
-from tdnn.ranks import rank_for_ratio  # noqa: E402
+from tdnn.planning.cost import layer_cost  # noqa: E402
+from tdnn.planning.ranks import rank_for_ratio  # noqa: E402
 
 # The "best" row's compress_model keyword arguments; change it here as tdnn improves.
 # calibration=True stands for the calibration batches, budget=True for Budget(params=p) at the

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import tdnn  # noqa: E402
-from tdnn.cost import model_flops  # noqa: E402
+from tdnn.planning.cost import model_flops  # noqa: E402
 
 
 def weights_read(model: nn.Module) -> int:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import sys
 import time
 from dataclasses import dataclass
@@ -32,9 +33,9 @@ import torchvision
 from torch import nn
 
 import tdnn
-from tdnn import walk
-from tdnn.cost import model_flops
-from tdnn.latency import latencies
+from tdnn.core.timing import Clock, latencies, latency_ratio
+from tdnn.layers import walk
+from tdnn.planning.cost import model_flops
 
 
 class MLPStack(nn.Module):
@@ -58,25 +59,25 @@ class Setting:
 
     model: str
     label: str
-    compress: Callable[[nn.Module, torch.Tensor], nn.Module]
+    compress: Callable[[nn.Module, torch.Tensor, Clock | None], nn.Module]  # (model, example, clock or None)
 
 
 def _tdnn(method: str, *, ratio: float | None = None, flops: float | None = None, latency: float | None = None,
-          latency_aware: bool = False, rank_multiple: int = 1) -> Callable[[nn.Module, torch.Tensor], nn.Module]:
-    def run(model: nn.Module, example: torch.Tensor) -> nn.Module:
+          latency_aware: bool = False, rank_multiple: int = 1) -> Callable[..., nn.Module]:
+    def run(model: nn.Module, example: torch.Tensor, clock: Clock | None = None) -> nn.Module:
+        aware = functools.partial(latency_ratio, clock=clock) if latency_aware and clock else latency_aware
         if flops is not None or latency is not None:
-            return tdnn.compress_model(model, budget=tdnn.Budget(flops=flops, latency=latency), method=method,
-                                       calibration=[example], latency_aware=latency_aware,
+            return tdnn.compress_model(model, budget=tdnn.Budget(flops=flops, latency=latency, timer=clock),
+                                       method=method, calibration=[example], latency_aware=aware,
                                        rank_multiple=rank_multiple)
         calibration = [example] if latency_aware else None
-        return tdnn.compress_model(model, ranks=ratio, method=method, calibration=calibration,
-                                   latency_aware=latency_aware)
+        return tdnn.compress_model(model, ranks=ratio, method=method, calibration=calibration, latency_aware=aware)
     return run
 
 
-def _tltorch(rank: float) -> Callable[[nn.Module, torch.Tensor], nn.Module]:
+def _tltorch(rank: float) -> Callable[..., nn.Module]:
     """tensorly-torch's Tucker factorization of every k×k conv (its own from_conv)."""
-    def run(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    def run(model: nn.Module, example: torch.Tensor, clock: Clock | None = None) -> nn.Module:
         import tltorch
 
         model = copy.deepcopy(model)

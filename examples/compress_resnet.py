@@ -37,9 +37,9 @@ from torch import nn
 
 import tdnn
 from tdnn import _vision as vision
-from tdnn.latency import latencies
-from tdnn.report import format_table
-from tdnn.sweep import ranks_filter
+from tdnn.analysis.report import format_table
+from tdnn.analysis.sweep import ranks_filter
+from tdnn.core.timing import latencies
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

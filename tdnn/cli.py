@@ -25,10 +25,10 @@ import torch
 
 import tdnn
 from tdnn import _vision as vision
-from tdnn.distributed import Launch
-from tdnn.io import read_header
-from tdnn.report import checkpoint_report, format_table
-from tdnn.sweep import MEASURES, MODES, ranks_filter
+from tdnn.analysis.report import checkpoint_report, format_table
+from tdnn.analysis.sweep import MEASURES, MODES, ranks_filter
+from tdnn.deploy.io import read_header
+from tdnn.finetune.distributed import Launch
 
 
 def _input_shape(text: str) -> tuple[int, ...]:

@@ -3,7 +3,7 @@
 A config has up to three top-level keys::
 
     description: ResNet-18, Tucker-2 at half the parameters, classifier kept dense
-    compress:            # keyword arguments of tdnn.compress_model
+    compress:            # settings of tdnn.compress_model (tdnn.CompressSettings)
       method: tucker2
       ranks:
         conv1: null
@@ -13,20 +13,18 @@ A config has up to three top-level keys::
       epochs: 2
       lr: 1.0e-3
 
-The keys of each section are read off the signature of what it feeds (minus the arguments
-that cannot be written in YAML, listed in :data:`NOT_IN_YAML`): :func:`tdnn.compress_model` and
-:class:`tdnn.finetune.FinetuneSettings`, so a new keyword argument is accepted without touching
-this module; a mapping given for an argument annotated with a dataclass is turned into that
-dataclass (``budget: {params: 0.5}`` becomes ``tdnn.Budget(params=0.5)``). Values are
-type-checked against the annotations, rank specs are validated and the fine-tuning settings are
-built (so ``epochs: 0`` or an unknown optimizer fail) when the file is read, with the file and key
-named, before any work.
+The keys of each section are the fields of the settings it feeds (minus those that cannot be
+written in YAML, listed in :data:`NOT_IN_YAML`): :class:`tdnn.CompressSettings` and
+:class:`tdnn.FinetuneSettings`, so a new setting is accepted without touching this module; a
+mapping given for a field annotated with a dataclass is turned into that dataclass
+(``budget: {params: 0.5}`` becomes ``tdnn.Budget(params=0.5)``). Values are type-checked against
+the annotations, rank specs are validated and both settings are built (so ``epochs: 0`` or an
+unknown optimizer fail) when the file is read, with the file and key named, before any work.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
 import re
 import types
@@ -37,17 +35,17 @@ from typing import Any
 
 import yaml
 
-from tdnn.compress import compress_model
+from tdnn.compress.settings import CompressSettings
 from tdnn.finetune.settings import NOT_IN_YAML as NOT_IN_FINETUNE_YAML
 from tdnn.finetune.settings import FinetuneSettings
-from tdnn.ranks import RankRule
-from tdnn.registry import check_method
+from tdnn.layers.registry import check_method
+from tdnn.planning.ranks import RankRule
 
-# Section -> the function (or settings class) whose keyword arguments it holds.
-SECTIONS: dict[str, Callable[..., Any]] = {"compress": compress_model, "finetune": FinetuneSettings}
-# Arguments that take Python objects (models, data, callables) and have no YAML form.
+# Section -> the settings class whose fields it holds.
+SECTIONS: dict[str, type] = {"compress": CompressSettings, "finetune": FinetuneSettings}
+# Settings that take Python objects (callables) and have no YAML form.
 NOT_IN_YAML: dict[str, frozenset[str]] = {
-    "compress": frozenset({"model", "filter_fn", "inplace", "calibration"}),
+    "compress": frozenset({"filter_fn"}),
     "finetune": NOT_IN_FINETUNE_YAML,
 }
 # Extra checks for values whose type alone says little; each raises ValueError / TypeError.
@@ -149,18 +147,15 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 
 def known_keys(section: str) -> list[str]:
-    """The keys a config section accepts, in the order of the function's signature."""
-    params = inspect.signature(SECTIONS[section]).parameters
-    return [name for name, p in params.items()
-            if name not in NOT_IN_YAML[section] and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    """The keys a config section accepts: its settings' fields, in order."""
+    return [f.name for f in dataclasses.fields(SECTIONS[section]) if f.name not in NOT_IN_YAML[section]]
 
 
 def _section(name: str, values: Any, source: str) -> dict[str, Any]:
     if not isinstance(values, Mapping):
-        raise ValueError(f"{source}: '{name}' must be a mapping of keyword arguments of "
+        raise ValueError(f"{source}: '{name}' must be a mapping of the fields of "
                          f"{SECTIONS[name].__name__}, got {type(values).__name__}")
     keys = known_keys(name)
-    params = inspect.signature(SECTIONS[name]).parameters
     hints = _type_hints(SECTIONS[name])
     out = dict(values)
     for key, value in values.items():
@@ -176,14 +171,10 @@ def _section(name: str, values: Any, source: str) -> dict[str, Any]:
                 validator(value)
             except (ValueError, TypeError) as err:
                 raise type(err)(f"{source}: '{name}.{key}': {err}") from None
-    missing = [k for k in keys if params[k].default is inspect.Parameter.empty and k not in values]
-    if missing:
-        raise ValueError(f"{source}: missing key '{name}.{missing[0]}'")
-    if dataclasses.is_dataclass(SECTIONS[name]):  # settings check their values together
-        try:
-            SECTIONS[name](**out)
-        except (ValueError, TypeError) as err:
-            raise type(err)(f"{source}: '{name}': {err}") from None
+    try:  # the settings check their values together
+        SECTIONS[name](**out)
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"{source}: '{name}': {err}") from None
     return out
 
 

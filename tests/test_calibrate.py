@@ -5,7 +5,9 @@ import torch
 from torch import nn
 
 import tdnn
-from tdnn import calibrate
+from tdnn.algebra.whitening import Whitening
+from tdnn.statistics import moments
+from tdnn.statistics.hooks import collect
 
 torch.manual_seed(0)
 
@@ -92,8 +94,8 @@ def test_whitened_full_rank_is_exact_even_with_singular_covariance(cls, rank):
         layer = nn.Conv2d(6, 8, 3, padding=1, dtype=torch.float64)
         x = correlated_images(4, 6)
         x[:, 2:] = 0  # four dead input channels: a singular covariance
-    stats = calibrate.collect(layer, [x], {"layer": (layer, cls.geometry)})["layer"]
-    small = cls.from_dense(layer, rank, whitening=calibrate.Whitening(stats.cov))
+    stats = collect(layer, [x], {"layer": (layer, cls.geometry)})["layer"]
+    small = cls.from_dense(layer, rank, whitening=Whitening(stats.cov))
     probe = torch.randn_like(x)  # also exact off the calibration data
     torch.testing.assert_close(small(probe), layer(probe), atol=1e-6, rtol=0)
 
@@ -117,7 +119,7 @@ def test_batchnorm_after_conv_weights_the_error():
         bn.running_var.uniform_(0.5, 2.0)
     net = nn.Sequential(conv, bn)
     x = torch.randn(16, 8, 8, 8, dtype=torch.float64)
-    stats = calibrate.collect(net, [x], {"0": (net[0], "channels")})
+    stats = collect(net, [x], {"0": (net[0], "channels")})
     expected = (bn.weight / (bn.running_var + bn.eps).sqrt()).double()
     torch.testing.assert_close(stats["0"].out_scale, expected)
 
@@ -207,7 +209,7 @@ class _QKV(nn.Module):
 def test_layers_reading_one_input_share_its_statistics(monkeypatch):
     calls = {"vectors": 0, "eigh": 0}
     kind = tdnn.registry.kind_of(nn.Linear(1, 1))
-    vectors, eigh = kind.vectors, calibrate.square_root
+    vectors, eigh = kind.vectors, moments.square_root
 
     def counting_vectors(*args):
         calls["vectors"] += 1
@@ -221,16 +223,16 @@ def test_layers_reading_one_input_share_its_statistics(monkeypatch):
     net = _QKV()
     batches = [correlated(64, 16, seed=s) for s in range(3)]
     layers = {name: (getattr(net, name), "patches") for name in ("q", "k", "v", "out", "twice")}
-    stats = calibrate.collect(net, [b.clone() for b in batches], layers)
+    stats = collect(net, [b.clone() for b in batches], layers)
     assert calls["vectors"] == 3 * 3  # per batch: q (k and v reuse it), out, twice
     assert torch.equal(stats["q"].gram, stats["k"].gram) and torch.equal(stats["q"].gram, stats["v"].gram)
     expected = sum(b.T @ b for b in batches)
     torch.testing.assert_close(stats["q"].gram, expected, rtol=1e-12, atol=1e-9)
     torch.testing.assert_close(stats["twice"].gram, 4 * expected, rtol=1e-12, atol=1e-9)
-    monkeypatch.setattr(calibrate, "square_root", counting_eigh)
+    monkeypatch.setattr(moments, "square_root", counting_eigh)
     small = tdnn.compress_model(net, ranks=4, calibration=[b.clone() for b in batches])
     assert calls["eigh"] == 3  # q/k/v share one square root of the covariance, out and twice have their own
-    alone = calibrate.Whitening(stats["v"].cov, damping=0.01)
+    alone = Whitening(stats["v"].cov, damping=0.01)
     torch.testing.assert_close(small.v.first.weight.double(),
                                tdnn.SVDLinear.from_dense(net.v, 4, whitening=alone).first.weight.double())
 
@@ -265,7 +267,7 @@ def test_layers_sharing_one_batch_keep_their_own_statistics():
     net = _QKV()
     x = correlated(64, 16, seed=0)
     layers = {name: (getattr(net, name), "patches") for name in ("q", "k", "v")}
-    stats = calibrate.collect(net, [x.clone()], layers)
+    stats = collect(net, [x.clone()], layers)
     expected = (x.T @ x) / 64
     for name in ("q", "k", "v"):  # reading one covariance (divided in place) leaves the others alone
         torch.testing.assert_close(stats[name].cov, expected, rtol=1e-12, atol=1e-12)
@@ -290,21 +292,21 @@ def test_a_covariance_is_released_once_its_root_is_taken_unless_kept():
     # only the root is read, so it must not stay alongside (a Calibration keeps it for later calls)
     net = _QKV()
     layers = {name: (getattr(net, name), "patches") for name in ("q", "k", "v", "out", "twice")}
-    stats = calibrate.collect(net, [correlated(64, 16)], layers)
+    stats = collect(net, [correlated(64, 16)], layers)
     root = stats["k"].root(0.01)
     assert stats["k"].gram is None and stats["q"].gram is None  # k reads q's input: q owns the root
     assert stats["v"].root(0.01) is root and stats["v"].gram is None
     assert stats["out"].gram is not None
     with pytest.raises(RuntimeError, match="released once its square root was taken"):
         stats["q"].cov
-    kept = calibrate.collect(net, [correlated(64, 16)], layers)
+    kept = collect(net, [correlated(64, 16)], layers)
     kept["out"].keep = True
     kept["out"].root(0.01)
     assert kept["out"].gram is not None and kept["out"].root(0.1) is not kept["out"].root(0.01)
 
 
 def test_slab_wise_checks_equal_whole_tensor_ones(monkeypatch):
-    from tdnn import decompose
+    from tdnn.algebra import decompose
     monkeypatch.setattr(decompose, "_SLAB", 7)  # many slabs, a ragged last one
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(23, 5, generator=g), torch.randn(23, 5, generator=g, dtype=torch.float64)

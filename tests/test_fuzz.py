@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import tdnn
-from tdnn.report import checkpoint_report
+from tdnn.analysis.report import checkpoint_report
 
 FUZZ = settings(max_examples=200, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

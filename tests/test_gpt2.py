@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import tdnn
-from tdnn import registry, walk
+from tdnn.layers import registry
+from tdnn.layers import walk
 
 transformers = pytest.importorskip("transformers")
 VOCAB = 128

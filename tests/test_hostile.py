@@ -97,7 +97,7 @@ def test_bad_damping_is_refused(damping):
 
 
 def test_non_finite_factors_are_refused_with_the_layer_named(monkeypatch):
-    from tdnn import decompose
+    from tdnn.algebra import decompose
 
     real = decompose.svd
     monkeypatch.setattr(decompose, "svd", lambda m, r: tuple(f * float("nan") for f in real(m, r)))
@@ -286,11 +286,11 @@ def test_a_loader_of_inputs_and_labels_gets_a_clear_error():
 def test_unbatched_conv_inputs_use_the_channel_axis():
     conv = nn.Conv2d(8, 16, 3, dtype=torch.float64)
     x = torch.randn(8, 8, 10, dtype=torch.float64)  # unbatched (C, H, W) with C == H
-    from tdnn import calibrate
+    from tdnn.statistics.hooks import collect
 
     for geometry in ("channels", "patches"):
-        unbatched = calibrate.collect(conv, [x], {"c": (conv, geometry)})["c"].gram
-        batched = calibrate.collect(conv, [x[None]], {"c": (conv, geometry)})["c"].gram
+        unbatched = collect(conv, [x], {"c": (conv, geometry)})["c"].gram
+        batched = collect(conv, [x[None]], {"c": (conv, geometry)})["c"].gram
         torch.testing.assert_close(unbatched, batched)
 
 

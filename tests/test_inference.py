@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import tdnn
-from tdnn.inference import _foldable_pairs, optimize_for_inference
+from tdnn.deploy.inference import _foldable_pairs, optimize_for_inference
 
 
 def _bn(n: int, cls=nn.BatchNorm2d, **kwargs) -> nn.Module:
@@ -29,7 +29,7 @@ def _net() -> nn.Module:
                          nn.ReLU(), nn.Flatten(), nn.Linear(8 * 5 * 12, 6), _bn(6, nn.BatchNorm1d)).double().eval()
 
 
-def _never(models, example):
+def _never(models, example, **kwargs):
     raise AssertionError("the timer must not run")
 
 
@@ -189,7 +189,7 @@ def test_auto_layout_keeps_the_faster_one(fastest):
     net, x = _net().float(), torch.randn(3, 4, 10, 10)
     seen = {}
 
-    def timer(models, example):
+    def timer(models, example, **kwargs):
         seen.update(models)
         return {name: 1.0 if name == fastest else 2.0 for name in models}
 
@@ -267,7 +267,7 @@ def test_wide_linear_weights_by_columns_when_faster(fastest):
     net, ids = TiedLM().eval(), torch.randint(0, 40, (1, 1))
     seen = {}
 
-    def timer(models, example):
+    def timer(models, example, **kwargs):
         seen.update(models)
         return {name: 1.0 if name == fastest else 2.0 for name in models}
 

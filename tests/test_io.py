@@ -16,6 +16,7 @@ import torchvision
 from torch import nn
 
 import tdnn
+from tdnn.deploy import io
 from test_compress import TinyTransformer
 
 
@@ -67,8 +68,8 @@ def test_save_load_is_bit_identical(compressed, tmp_path):
     for (name, a), (_, b) in zip(loaded.named_modules(), small.named_modules()):
         if isinstance(a, tdnn.Factorized):
             assert (a.rank, a.rel_error, a.dense_kwargs) == (b.rank, b.rel_error, b.dense_kwargs), name
-    header = tdnn.io.read_header(path)
-    assert header["tdnn_version"] == tdnn.__version__ and header["format_version"] == tdnn.io.FORMAT_VERSION
+    header = io.read_header(path)
+    assert header["tdnn_version"] == tdnn.__version__ and header["format_version"] == io.FORMAT_VERSION
 
 
 def test_state_dict_and_apply_plan_round_trip(compressed):
@@ -97,7 +98,7 @@ def test_checkpoint_is_one_file_without_pickle(tmp_path):
     assert stat.S_IMODE(os.stat(tmp_path / "m.safetensors").st_mode) == 0o666 & ~umask  # not private
     tensors = safetensors.torch.load_file(tmp_path / "m.safetensors")
     assert set(tensors) == set(small.state_dict())
-    plan = tdnn.io.read_header(tmp_path / "m.safetensors")["plan"]
+    plan = io.read_header(tmp_path / "m.safetensors")["plan"]
     assert [(e.name, e.method, e.rank) for e in plan.layers] == [
         ("0", "tucker2", small[0].rank), ("2", "tucker2", small[2].rank), ("4", "svd", small[4].rank),
         ("6", "svd", small[6].rank)]
@@ -174,7 +175,7 @@ def test_failed_write_leaves_old_file_and_no_temporary(tmp_path, monkeypatch):
             f.truncate(os.path.getsize(filename) // 2)
         raise KeyboardInterrupt("simulated crash during write")
 
-    monkeypatch.setattr(tdnn.io, "save_file", crash_half_way)
+    monkeypatch.setattr(io, "save_file", crash_half_way)
     with pytest.raises(KeyboardInterrupt):
         tdnn.save(tdnn.compress_model(small_net(), ranks=0.25), path)
     assert path.read_bytes() == before
@@ -205,7 +206,7 @@ def test_killed_writer_never_leaves_a_partial_checkpoint(tmp_path):
             proc.kill()
     stored = safetensors.torch.load_file(path)  # raises on a truncated or corrupt file
     assert len(stored) == 4 * 3 + 2
-    header = tdnn.io.read_header(path)
+    header = io.read_header(path)
     assert len(header["plan"].factorized()) == 4
 
 
@@ -278,8 +279,8 @@ def test_newer_format_is_refused(tmp_path):
     path = tmp_path / "m.safetensors"
     tdnn.save(tdnn.compress_model(small_net(), ranks=0.5), path)
     tensors = safetensors.torch.load_file(path)
-    header = tdnn.io.read_header(path)
-    meta = {"format": tdnn.io.FORMAT, "format_version": "99", "tdnn_version": "9.0",
+    header = io.read_header(path)
+    meta = {"format": io.FORMAT, "format_version": "99", "tdnn_version": "9.0",
             "plan": json.dumps(header["plan"].to_dict()), "layers": "{}", "aliases": "{}"}
     safetensors.torch.save_file(tensors, path, metadata=meta)
     with pytest.raises(ValueError, match=r"format version 99 \(tdnn 9.0\) is newer than this tdnn reads \(1\)"):
@@ -314,7 +315,7 @@ def test_plan_details_kept_and_hand_built_models_described(tmp_path):
     torch.manual_seed(0)
     hand = nn.Sequential(tdnn.SVDLinear.from_dense(nn.Linear(40, 30), 5), nn.ReLU(), nn.Linear(30, 3))
     tdnn.save(hand, tmp_path / "h.safetensors")
-    plan = tdnn.io.read_header(tmp_path / "h.safetensors")["plan"]
+    plan = io.read_header(tmp_path / "h.safetensors")["plan"]
     assert [(e.name, e.method, e.rank, e.reason) for e in plan.layers] == [
         ("0", "svd", 5, None), ("2", None, None, "not compressed")]
     fresh = nn.Sequential(nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 3))

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import tdnn
-from tdnn import decompose
+from tdnn.algebra import decompose
 
 torch.manual_seed(0)
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import tdnn
-from tdnn import calibrate
+from tdnn.statistics.hooks import collect
 
 transformers = pytest.importorskip("transformers")
 
@@ -91,8 +91,8 @@ def test_padding_is_kept_out_of_the_statistics():
     trimmed = [{k: v[:, :16] for k, v in b.items()} for b in padded]
     layers = {"q": (model.model.layers[0].self_attn.q_proj, "patches")}
     masks = [b["attention_mask"].bool() for b in padded]
-    with_mask = calibrate.collect(model, padded, layers, masks=masks)["q"]
-    reference = calibrate.collect(model, trimmed, layers)["q"]
+    with_mask = collect(model, padded, layers, masks=masks)["q"]
+    reference = collect(model, trimmed, layers)["q"]
     assert with_mask.count == reference.count == 2 * 4 * 16
     torch.testing.assert_close(with_mask.gram, reference.gram, rtol=1e-5, atol=1e-6)
 

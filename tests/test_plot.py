@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import tdnn
-from tdnn.report import LayerRecord, Report
-from tdnn.sweep import SweepPoint
+from tdnn.analysis.report import LayerRecord, Report
+from tdnn.analysis.sweep import SweepPoint
 from test_cli import DIGITS_CONFIG, small_resnet  # pytest puts tests/ on sys.path
 from test_sweep import tiny_llama, tokens
 

@@ -39,7 +39,7 @@ FRESH = textwrap.dedent("""
         logits = model(ids).logits
     tokens = model.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids))
     torch.save({"logits": logits, "tokens": tokens}, sys.argv[3])
-    dense_left = [n for n, _, _ in tdnn.walk.named_layers(model) if n.startswith(("model.layers", "transformer.h"))]
+    dense_left = [n for n, _, _ in tdnn.layers.walk.named_layers(model) if n.startswith(("model.layers", "transformer.h"))]
     print(json.dumps({"params": sum(p.numel() for p in model.parameters()), "tied": tied,
                       "meta": any(t.is_meta for t in [*model.parameters(), *model.buffers()]),
                       "class": type(model).__name__, "dense_left": dense_left}))

@@ -7,7 +7,7 @@ from torch import nn
 
 import tdnn
 from tdnn.layers import Factorized
-from tdnn.budget import _lower_hull
+from tdnn.compress.budget import _lower_hull
 
 torch.manual_seed(0)
 
@@ -175,14 +175,14 @@ def test_latency_aware_needs_calibration():
 
 
 def test_real_timer_runs_and_returns_a_ratio():
-    from tdnn.latency import latency_ratio
+    from tdnn.core.timing import latency_ratio
     dense = nn.Linear(256, 256)
     ratio = latency_ratio(dense, tdnn.SVDLinear.from_dense(dense, 4), torch.randn(32, 256), repeats=3)
     assert 0 < ratio < 100
 
 
-def test_conv_latency_counts_each_module_in_its_faster_layout(monkeypatch):
-    from tdnn import latency
+def test_conv_latency_counts_each_module_in_its_faster_layout():
+    from tdnn.core.timing import latency_ratio
     seen = {}
 
     def fake(models, batch, **kwargs):  # factorized is slow in NCHW, fast in channels_last
@@ -196,19 +196,17 @@ def test_conv_latency_counts_each_module_in_its_faster_layout(monkeypatch):
         return {name: {"dense": 1.5 if "channels_last" in name else 1.0,
                        "factorized": 0.9 if "channels_last" in name else 2.0}[name.split()[0]] for name in models}
 
-    monkeypatch.setattr(latency, "latencies", fake)
     dense = nn.Conv2d(8, 8, 3, padding=1).to(memory_format=torch.channels_last)  # layout of the input model
     small = nn.Conv2d(8, 8, 3, padding=1)  # stands in for the factorized form: only timing matters
-    assert latency.latency_ratio(dense, small, torch.randn(2, 8, 6, 6)) == pytest.approx(0.9)
+    assert latency_ratio(dense, small, torch.randn(2, 8, 6, 6), clock=fake) == pytest.approx(0.9)
     assert len(seen) == 4 and all(m is not dense and m is not small for m in seen.values())
 
 
-def test_latency_budget_lands_on_the_whole_models_measured_time(monkeypatch):
+def test_latency_budget_lands_on_the_whole_models_measured_time():
     # Layers timed alone mislead when, in the model, each factorized layer costs more (a layout
     # reorder, say): the budget measures the whole deployed model and allocates again until the
     # measured ratio is within 5% of the target
-    from tdnn import compress, cost, inference, latency
-    from tdnn.cost import model_flops
+    from tdnn.planning.cost import model_flops
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
@@ -220,35 +218,24 @@ def test_latency_budget_lands_on_the_whole_models_measured_time(monkeypatch):
         return {name: model_flops(m, batch) * 1e-9 + penalty * sum(isinstance(c, Factorized) for c in m.modules())
                 * (name != "layer") for name, m in models.items()}
 
-    for module in (latency, inference, compress):
-        monkeypatch.setattr(module, "latencies", clock)
-    cost._timed.cache_clear()
-    try:
-        small = tdnn.compress_model(net, budget=tdnn.Budget(latency=0.5), calibration=x)
-        timed = clock({"dense": net, "small": small}, x[0])
-    finally:
-        cost._timed.cache_clear()
+    small = tdnn.compress_model(net, budget=tdnn.Budget(latency=0.5, timer=clock), calibration=x)
+    timed = clock({"dense": net, "small": small}, x[0])
     assert timed["small"] / timed["dense"] == pytest.approx(0.5, rel=0.05)
     # the layers alone would have said 0.5 with more FLOPs kept: the penalty was paid in ranks
     assert model_flops(small, x[0]) / model_flops(net, x[0]) < 0.45
 
 
-def test_latency_budget_times_conv_layers_in_their_faster_layout(monkeypatch):
+def test_latency_budget_times_conv_layers_in_their_faster_layout():
     # Budget(latency=) costs each layer as optimize_for_inference would deploy it: a conv chain that
     # is fast only in channels_last counts at that speed (it once counted contiguous times only)
-    from tdnn import cost, latency
+    from tdnn.planning import cost
 
     def fake(models, batch, **kwargs):
         return {name: 1.0 if name.endswith("channels_last") else 3.0 for name in models}
 
-    monkeypatch.setattr(latency, "latencies", fake)
-    cost._timed.cache_clear()
-    try:
-        conv = nn.Conv2d(8, 8, 3, padding=1)
-        assert cost.layer_cost("latency", conv, tdnn.Tucker2Conv2d, (4, 4), (1, 8, 6, 6)) == 1.0
-        assert cost.layer_cost("latency", nn.Linear(8, 8), input_shape=(2, 8)) == 3.0  # no layouts to choose
-    finally:
-        cost._timed.cache_clear()
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    assert cost.layer_cost("latency", conv, tdnn.Tucker2Conv2d, (4, 4), (1, 8, 6, 6), clock=fake) == 1.0
+    assert cost.layer_cost("latency", nn.Linear(8, 8), input_shape=(2, 8), clock=fake) == 3.0  # no layouts
 
 
 @pytest.mark.parametrize("layer, cls, shape", [
@@ -262,7 +249,7 @@ def test_latency_budget_times_conv_layers_in_their_faster_layout(monkeypatch):
 def test_cost_at_every_rank_equals_counting_it(layer, cls, shape):
     from torch.utils.flop_counter import FlopCounterMode
 
-    from tdnn import cost
+    from tdnn.planning import cost
     cost._polynomial.cache_clear()
     for rank in cls.rank_levels(layer)[::3]:
         module = cls.structure(layer, rank, device="meta")
@@ -279,17 +266,15 @@ def test_cost_at_every_rank_equals_counting_it(layer, cls, shape):
 def test_latency_budget_allocates_by_measured_layer_times(flop_clock):
     # With a clock that makes a module take as long as its FLOPs, a latency budget must land where a
     # FLOP budget does (the real clock is noisy; the mechanism is what is tested here).
-    from tdnn import cost
-    from tdnn.cost import model_flops
+    from tdnn.planning.cost import model_flops
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 16)).eval()
     x = [torch.randn(32, 64) @ torch.randn(64, 64)]
-    small = tdnn.compress_model(net, budget=tdnn.Budget(latency=0.5), calibration=x)
+    small = tdnn.compress_model(net, budget=tdnn.Budget(latency=0.5, timer=flop_clock), calibration=x)
     kept = model_flops(small, x[0]) / model_flops(net, x[0])
     assert kept == pytest.approx(0.5, abs=0.01)
     flops = tdnn.compress_model(net, budget=tdnn.Budget(flops=0.5), calibration=x)
     assert [e.rank for e in small.tdnn_plan.layers] == [e.rank for e in flops.tdnn_plan.layers]
-    cost._timed.cache_clear()
     with pytest.raises(ValueError, match=r"Budget\(latency=...\) needs calibration data"):
         tdnn.compress_model(net, budget=tdnn.Budget(latency=0.5))

@@ -8,7 +8,7 @@ from torch import nn
 
 import tdnn
 from tdnn.layers.svd import SVD
-from tdnn.registry import LayerKind
+from tdnn.layers.registry import LayerKind
 
 
 @pytest.fixture

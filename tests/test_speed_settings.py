@@ -26,17 +26,13 @@ def build(name):
     return speed.build(name)
 
 
-@pytest.fixture(autouse=True)
-def deterministic_latency(flop_clock):
-    """The Budget(latency=) rows allocate by a FLOP clock: what is tested is the optimised forms."""
-
-
 @pytest.mark.parametrize("setting", speed.SETTINGS, ids=lambda s: f"{s.model}: {s.label}")
-def test_optimised_forms_match_the_plain_forms(setting):
+def test_optimised_forms_match_the_plain_forms(setting, flop_clock):
+    # latency budgets and latency-aware rows time by a FLOP clock: what is tested is the optimised forms
     torch.manual_seed(0)
     dense = build(setting.model)
     x = speed.example(setting.model, 2, 64)
-    small = setting.compress(dense, x[:1]).eval()
+    small = setting.compress(dense, x[:1], flop_clock).eval()
     with torch.inference_mode():
         want = small(x)
     # a BatchNorm folds wherever a stock Conv2d feeds it (not into tensorly-torch's FactorizedConv)

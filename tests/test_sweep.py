@@ -8,7 +8,7 @@ from torch import nn
 
 import tdnn
 from tdnn.cli import main
-from tdnn.sweep import SweepPoint, pareto_mask
+from tdnn.analysis.sweep import SweepPoint, pareto_mask
 from test_cli import small_resnet  # pytest puts tests/ on sys.path
 
 TARGETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.8)

@@ -24,14 +24,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tdnn import distributed as ddp
-from tdnn import temporary
-from tdnn.layers.base import Factorized
+from tdnn.core import temporary
+from tdnn.finetune import distributed as ddp
 from tdnn.finetune.checkpoint import Checkpointer, rng_state, set_rng_state
 from tdnn.finetune.data import EpochData, global_batch_sizes
 from tdnn.finetune.parallel import Replicas, holder
 from tdnn.finetune.settings import FinetuneSettings
 from tdnn.finetune.step import TrainStep, distillation_loss
+from tdnn.layers.base import Factorized
 
 EvalFn = Callable[[nn.Module], Any]
 

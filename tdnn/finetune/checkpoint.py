@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tdnn.distributed import Group
-from tdnn.files import remove_stale, write_atomic
+from tdnn.core.files import remove_stale, write_atomic
+from tdnn.finetune.distributed import Group
 
 NAME = "last.pt"
 FORMAT = "tdnn.finetune/1"

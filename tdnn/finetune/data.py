@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Sampler, SequentialSampler
 
-from tdnn.batches import batch_size, map_tensors, split_labels
+from tdnn.core.batches import batch_size, map_tensors, split_labels
 
 
 def global_batch_sizes(n: int, batch: int, *, drop_last: bool, world: int) -> list[int]:

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from tdnn.blockwise import find_blocks
-from tdnn.distributed import Group
+from tdnn.finetune.distributed import Group
+from tdnn.statistics.blockwise import find_blocks
 
 State = dict[str, Any]
 

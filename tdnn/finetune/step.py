@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tdnn.batches import batch_size, call, map_tensors, split_labels
+from tdnn.core.batches import batch_size, call, map_tensors, split_labels
 from tdnn.finetune.settings import FinetuneSettings
 
 

@@ -8,9 +8,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from tdnn import decompose, registry
-from tdnn.calibrate import Whitening
-from tdnn.registry import LayerKind
+from tdnn.algebra import decompose
+from tdnn.algebra.whitening import Whitening
+from tdnn.layers import registry
+from tdnn.layers.registry import Geometry, LayerKind
 
 Rank = Any  # an int, or a tuple with one int per rank component (Tucker-2: (r_out, r_in))
 RANK_HINT = "; give this layer its own entry in a ranks mapping (None keeps it dense) or use a ratio"
@@ -54,9 +55,8 @@ class Factorized(nn.Sequential):
 
     method: ClassVar[str]
     kind: ClassVar[LayerKind]
-    # What the method decomposes: "patches", the kernel unfolded to a matrix (out, in·k…), met by
-    # unfolded input patches; or "channels", the kernel as a tensor, met by per-position channels.
-    geometry: ClassVar[str] = "patches"
+    # What the method decomposes, and so which input vectors calibration collects.
+    geometry: ClassVar[Geometry] = Geometry.PATCHES
     # False: on a plain matrix (Linear, 1×1 conv) the registry uses "svd" instead (Tucker-2, CP).
     takes_matrices: ClassVar[bool] = True
     rank_arity: ClassVar[int] = 1  # ints in a rank: 2 for Tucker-2's (r_out, r_in)
@@ -170,7 +170,7 @@ class Factorized(nn.Sequential):
         g = cls.kind.groups(layer)
         parts = []
         for i, w in enumerate(grouped(weight, g)):
-            w = w.flatten(1) if cls.geometry == "patches" else w
+            w = w.flatten(1) if cls.geometry is Geometry.PATCHES else w
             wh = None if whitening is None else whitening.group(i, g)
             parts.append((w if wh is None else wh.whiten(w), wh))
         return parts

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from tdnn.kinds import ConvKind
+from tdnn.layers.conv import ConvKind
 from tdnn.layers.cp import CP
 from tdnn.layers.svd import SVD
 from tdnn.layers.tucker2 import Tucker2

@@ -8,9 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from tdnn import decompose
-from tdnn.calibrate import Whitening
+from tdnn.algebra import decompose
+from tdnn.algebra.whitening import Whitening
 from tdnn.layers.base import Factorized, copy_into
+from tdnn.layers.registry import Geometry
 from tdnn.layers.tucker2 import Tucker2
 
 # The depthwise children's names, per number of spatial axes.
@@ -38,7 +39,7 @@ class CP(Factorized, method="cp"):
     kernel (:meth:`to_dense`). Grouped convolutions are not supported.
     """
 
-    geometry = "channels"
+    geometry = Geometry.CHANNELS
     takes_matrices = False
     spectral_ranks = False  # the unfoldings' spectra give Tucker ranks, not CP ranks
 
@@ -96,16 +97,3 @@ class CP(Factorized, method="cp"):
             factor = conv.weight.flatten(1)                                           # (R, k_i)
             ones = ones[..., None] * factor.reshape(factor.shape[0], *[1] * (ones.dim() - 1), -1)
         return (last @ ones.flatten(1)).reshape(last.shape[0], *ones.shape[1:])
-
-
-class CPConv2d(CP, kind="Conv2d"):
-    """A k×k convolution as ``Conv(1×1, C → R)``, depthwise ``(kh×1)``, depthwise ``(1×kw)``,
-    ``Conv(1×1, R → S)``; see :class:`CP`.
-
-    Example:
-        >>> import torch, tdnn
-        >>> conv = torch.nn.Conv2d(16, 32, (3, 5), padding=(1, 2))
-        >>> small = tdnn.CPConv2d.from_dense(conv, 12)
-        >>> small(torch.randn(2, 16, 8, 8)).shape
-        torch.Size([2, 32, 8, 8])
-    """

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from tdnn.layers.registry import LayerKind
 from tdnn.layers.svd import SVD
-from tdnn.registry import LayerKind
 
 
 class HFConv1DKind(LayerKind, dense_type=Conv1D):

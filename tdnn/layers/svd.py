@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from tdnn import decompose
-from tdnn.calibrate import Whitening
+from tdnn.algebra import decompose
+from tdnn.algebra.whitening import Whitening
 from tdnn.layers.base import Factorized, copy_into, grouped
 
 
@@ -53,33 +53,3 @@ class SVD(Factorized, method="svd"):
         first = grouped(self.first.weight, self.groups).flatten(2)     # (G, r, in/G·k…)
         last = grouped(self.last.weight, self.groups).flatten(2)       # (G, out/G, r)
         return (last @ first).reshape(-1, *self.first.weight.shape[1:])
-
-
-class SVDLinear(SVD, kind="Linear"):
-    """``Linear(in → r, no bias)`` then ``Linear(r → out)`` from the truncated SVD of the weight.
-
-    At ``rank = min(in, out)`` it reproduces the original layer exactly; below that, the weight
-    error is the norm of the discarded singular values (Eckart–Young).
-
-    Example:
-        >>> import torch, tdnn
-        >>> dense = torch.nn.Linear(64, 32)
-        >>> small = tdnn.SVDLinear.from_dense(dense, 8)
-        >>> small(torch.randn(5, 64)).shape
-        torch.Size([5, 32])
-        >>> small.to_dense().weight.shape
-        torch.Size([32, 64])
-    """
-
-
-class SVDConv2d(SVD, kind="Conv2d"):
-    """A convolution as ``Conv(k×k, C → r)`` then ``Conv(1×1, r → S)`` from the SVD of its kernel
-    unfolded to ``(S, C·kh·kw)`` (per group for grouped convolutions); see :class:`SVD`.
-
-    Example:
-        >>> import torch, tdnn
-        >>> conv = torch.nn.Conv2d(16, 32, 3, stride=2, padding=1)
-        >>> small = tdnn.SVDConv2d.from_dense(conv, 8)
-        >>> small(torch.randn(1, 16, 10, 10)).shape
-        torch.Size([1, 32, 5, 5])
-    """

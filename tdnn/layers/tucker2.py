@@ -8,9 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from tdnn import decompose
-from tdnn.calibrate import Whitening
+from tdnn.algebra import decompose
+from tdnn.algebra.whitening import Whitening
 from tdnn.layers.base import Factorized, copy_into, grouped
+from tdnn.layers.registry import Geometry
 
 
 class Tucker2(Factorized, method="tucker2"):
@@ -25,7 +26,7 @@ class Tucker2(Factorized, method="tucker2"):
     ``rank`` is ``(r_out, r_in)``; an int ``r`` means ``(r, r)``.
     """
 
-    geometry = "channels"
+    geometry = Geometry.CHANNELS
     takes_matrices = False
     rank_arity = 2
 
@@ -83,16 +84,3 @@ class Tucker2(Factorized, method="tucker2"):
         core = grouped(self.core.weight, g)                     # (G, r_out, r_in, *k)
         last = grouped(self.last.weight, g).flatten(2)         # (G, S/G, r_out)
         return torch.einsum("gsq,gqp...,gpc->gsc...", last, core, first).flatten(0, 1)
-
-
-class Tucker2Conv2d(Tucker2, kind="Conv2d"):
-    """A k×k convolution as ``Conv(1×1, C → r_in)``, ``Conv(k×k, r_in → r_out)``,
-    ``Conv(1×1, r_out → S)``; see :class:`Tucker2`.
-
-    Example:
-        >>> import torch, tdnn
-        >>> conv = torch.nn.Conv2d(32, 64, 3, padding=1)
-        >>> small = tdnn.Tucker2Conv2d.from_dense(conv, (16, 8))
-        >>> [tuple(m.weight.shape) for m in small]
-        [(8, 32, 1, 1), (16, 8, 3, 3), (64, 16, 1, 1)]
-    """

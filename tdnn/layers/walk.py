@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 
 from torch import nn
 
-from tdnn import registry
+from tdnn.layers import registry
 from tdnn.layers.base import Factorized
 
 

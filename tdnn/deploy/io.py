@@ -18,10 +18,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tdnn import registry, walk
-from tdnn.files import write_atomic
+from tdnn.core.files import write_atomic
+from tdnn.layers import registry, walk
 from tdnn.layers.base import Factorized
-from tdnn.plan import PLAN_ATTR, LayerPlan, Plan
+from tdnn.planning.plan import PLAN_ATTR, LayerPlan, Plan
+from tdnn.version import __version__
 
 FORMAT = "tdnn-checkpoint"
 FORMAT_VERSION = 1
@@ -51,7 +52,7 @@ def current_plan(model: nn.Module) -> Plan:
         else:
             agrees = old is not None and not old.factorized and old.reason
             layers.append(old if agrees else LayerPlan(name, _kind(module), reason="not compressed"))
-    return Plan(layers)
+    return Plan(layers, list(previous.settings) if isinstance(previous, Plan) else [])
 
 
 def _jsonable(value: Any) -> Any:
@@ -124,15 +125,13 @@ def save(model: nn.Module, path: PathLike) -> None:
         >>> torch.equal(loaded(x), small(x)), type(loaded[0]).__name__
         (True, 'SVDLinear')
     """
-    import tdnn  # for __version__; tdnn/__init__.py imports this module, so not at the top
-
     plan = current_plan(model)
     layers = {name: {"class": type(m).__name__, "dense_kwargs": m.dense_kwargs, "rel_error": m.rel_error}
               for name, m, _ in walk.named_layers(model, walk.layer_or_factorized) if isinstance(m, Factorized)}
     tensors, aliases = _tensors(model)
     buffers = _transient_buffers(model)
     tensors.update({BUFFERS + name: b for name, b in buffers.items()})
-    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "tdnn_version": tdnn.__version__,
+    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "tdnn_version": __version__,
                 "torch_version": torch.__version__, "plan": json.dumps(plan.to_dict()),
                 "layers": json.dumps(layers), "aliases": json.dumps(aliases)}
     write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))

@@ -1,5 +1,5 @@
-"""The built-in layer kinds: ``nn.Linear`` and convolutions (``nn.Conv2d`` here; ``nn.Conv1d`` in
-:mod:`tdnn.layers.conv1d`, Hugging Face's ``Conv1D`` in :mod:`tdnn.layers.hf_conv1d`)."""
+"""What every convolution kind shares (``nn.Conv1d`` in :mod:`tdnn.layers.conv1d`, ``nn.Conv2d`` in
+:mod:`tdnn.layers.conv2d`): the kernel, the conv hyper-parameters and the calibration vectors."""
 
 from __future__ import annotations
 
@@ -9,11 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tdnn.registry import LayerKind
-
-
-class LinearKind(LayerKind, dense_type=nn.Linear):
-    """``nn.Linear``: a ``(out, in)`` weight applied to the last input dimension."""
+from tdnn.layers.registry import Geometry, LayerKind
 
 
 class ConvKind(LayerKind):
@@ -40,13 +36,13 @@ class ConvKind(LayerKind):
     def groups(self, layer: nn.Module) -> int:
         return layer.groups
 
-    def vectors(self, layer: nn.Module, x: torch.Tensor, geometry: str) -> torch.Tensor:
+    def vectors(self, layer: nn.Module, x: torch.Tensor, geometry: Geometry) -> torch.Tensor:
         if x.dim() == self.spatial + 1:  # unbatched, as the convolution itself accepts
             x = x.unsqueeze(0)
         if x.dim() != self.spatial + 2 or x.shape[1] != layer.in_channels:
             raise ValueError(f"{self.name} with {layer.in_channels} input channels got an input of "
                              f"shape {tuple(x.shape)}")
-        if geometry == "channels":
+        if geometry is Geometry.CHANNELS:
             return x.transpose(0, 1).reshape(x.shape[1], -1).T
         # patches: pad exactly as the convolution does, then take every window with its stride and
         # dilation; rows are ordered like weight.flatten(1), i.e. (channel, *kernel offsets)
@@ -59,9 +55,9 @@ class ConvKind(LayerKind):
         x = x.permute(0, *range(2, 2 + n), 1, *range(2 + n, 2 + 2 * n))
         return x.reshape(-1, layer.weight[0].numel())
 
-    def vectors_key(self, layer: nn.Module, geometry: str) -> tuple:
-        if geometry == "channels":
-            return ("channels",)
+    def vectors_key(self, layer: nn.Module, geometry: Geometry) -> tuple:
+        if geometry is Geometry.CHANNELS:
+            return (Geometry.CHANNELS,)
         return (self.name, tuple(layer.kernel_size), tuple(layer.dilation), tuple(layer.stride),
                 tuple(layer._reversed_padding_repeated_twice), layer.padding_mode)
 
@@ -69,9 +65,3 @@ class ConvKind(LayerKind):
         weight = layer.weight
         return torch.randn(batch, layer.in_channels, *[32] * self.spatial, dtype=weight.dtype,
                            device=weight.device)
-
-
-class Conv2dKind(ConvKind, dense_type=nn.Conv2d):
-    """``nn.Conv2d``."""
-
-    spatial = 2

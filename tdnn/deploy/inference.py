@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import weakref
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,15 +12,15 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_weights
 
-from tdnn import temporary, walk
-from tdnn.batches import call, map_tensors
-from tdnn.latency import latencies
+from tdnn.core import temporary
+from tdnn.core.batches import call, map_tensors
+from tdnn.core.timing import Clock, latencies
+from tdnn.layers import walk
 
 INFERENCE_ATTR = "tdnn_inference"
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 # (models by name, example input) -> median seconds per call of each
-ModelTimer = Callable[[dict[str, nn.Module], Any], dict[str, float]]
 
 
 @dataclass
@@ -177,14 +176,9 @@ def _sharing_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _timed(models: dict[str, nn.Module], example: Any) -> dict[str, float]:
-    """The default :data:`ModelTimer`: interleaved median latency, short (whole models are slow)."""
-    return latencies(models, example, warmup=1, repeats=5)
-
-
 def optimize_for_inference(model: nn.Module, example: Any, *, fold_batchnorm: bool = True,
                            memory_format: str = "auto", linear_layout: str = "auto", inplace: bool = False,
-                           timer: ModelTimer | None = None) -> nn.Module:
+                           timer: Clock = latencies) -> nn.Module:
     """The model in eval mode, in the form that runs fastest: BatchNorm folded into the layer before
     it, and the memory layouts of convolution and Linear weights measured on ``example``.
 
@@ -212,7 +206,8 @@ def optimize_for_inference(model: nn.Module, example: Any, *, fold_batchnorm: bo
             at batch 1 on CPU, columns read these matrices up to twice as fast; ``"auto"`` times
             both on ``example`` (give a decoding-shaped one: ``input_ids`` of one token).
         inplace: modify ``model`` itself instead of a deep copy.
-        timer: ``(models, example) -> seconds per model`` to replace the clock (for tests).
+        timer: the clock layouts are timed with (:func:`tdnn.core.timing.latencies`, the wall
+            clock: interleaved medians, short runs since whole models are slow).
 
     Returns:
         The optimised model, with an :class:`InferenceForm` in ``model.tdnn_inference``.
@@ -243,7 +238,7 @@ def optimize_for_inference(model: nn.Module, example: Any, *, fold_batchnorm: bo
         if memory_format == "auto":
             if any(p.dim() == 4 for p in model.parameters()):
                 layouts = {name: copy.deepcopy(model).to(memory_format=layout) for name, layout in FORMATS.items()}
-                form.seconds = dict((timer or _timed)(layouts, example))
+                form.seconds = dict(timer(layouts, example, warmup=1, repeats=5))
                 memory_format = min(form.seconds, key=form.seconds.__getitem__)
             else:
                 memory_format = "contiguous"
@@ -254,7 +249,7 @@ def optimize_for_inference(model: nn.Module, example: Any, *, fold_batchnorm: bo
             if _wide(model):
                 columns = _sharing_copy(model)
                 _by_columns(columns)
-                seconds = dict((timer or _timed)({"rows": model, "columns": columns}, example))
+                seconds = dict(timer({"rows": model, "columns": columns}, example, warmup=1, repeats=5))
                 form.seconds.update(seconds)
                 linear_layout = min(seconds, key=seconds.__getitem__)
         form.linear_layout = linear_layout

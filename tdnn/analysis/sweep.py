@@ -6,7 +6,7 @@ metric) and each factorized layer's output (:func:`layer_errors`, for :meth:`tdn
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import math
 import numbers
 import statistics
@@ -20,23 +20,24 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tdnn import registry, temporary, walk
-from tdnn.batches import batch_mask, call
-from tdnn.budget import Budget
-from tdnn.calibrate import Calibration
-from tdnn.compress import FilterFn, compress_model
-from tdnn.cost import model_flops
-from tdnn.latency import latencies
+from tdnn.analysis.report import format_table
+from tdnn.compress import Budget, CompressSettings, compress_model
+from tdnn.compress.settings import FilterFn
+from tdnn.core import temporary
+from tdnn.core.batches import batch_mask, call
+from tdnn.core.timing import latencies
+from tdnn.layers import registry, walk
 from tdnn.layers.base import Factorized
-from tdnn.ranks import NO_ENTRY, RankRule
-from tdnn.report import format_table
-from tdnn.sensitivity import output_of
+from tdnn.planning.cost import Measure, model_flops
+from tdnn.planning.ranks import NO_ENTRY, RankRule
+from tdnn.statistics.calibration import Calibration
+from tdnn.statistics.sensitivity import output_of
 
 MODES = ("plain", "data-aware", "sequential")
-MEASURES = ("params", "flops")
-COSTS = ("params", "flops", "latency")
-# compress_model arguments the sweep sets itself
-_OWN = frozenset({"model", "ranks", "budget", "method", "calibration", "sequential", "inplace", "progress"})
+MEASURES = (Measure.PARAMS.value, Measure.FLOPS.value)
+COSTS = tuple(m.value for m in Measure)
+# settings of compress_model that the sweep sets itself
+_OWN = frozenset({"ranks", "budget", "method", "sequential"})
 Evaluate = Callable[[nn.Module], float]
 
 
@@ -167,7 +168,7 @@ class Sweep:
         """Draw the metric against parameters (and against latency, or FLOPs) with the original
         marked and the Pareto front drawn, into a ``.png``, ``.svg`` or ``.pdf`` file. Needs
         matplotlib (``pip install "tdnn[plot]"``). Returns the matplotlib ``Figure``."""
-        from tdnn.plot import plot_sweep
+        from tdnn.analysis.plot import plot_sweep
 
         return plot_sweep(self, path, title=title, dpi=dpi)
 
@@ -319,10 +320,10 @@ def _check(targets: Sequence[float], measure: str, methods: Sequence[str], modes
             raise ValueError(f"modes: unknown mode {mode!r}; choose from {', '.join(MODES)}")
         if mode != "plain" and not has_data:
             raise ValueError(f"modes: {mode!r} needs calibration data (calibration=...)")
-    if measure == "flops" and (not has_data or "plain" in modes):
+    if Measure(measure) is Measure.FLOPS and (not has_data or "plain" in modes):
         raise ValueError("measure='flops' needs calibration data in every mode (FLOPs depend on the input "
                          "size), and mode 'plain' has none: use measure='params' or drop 'plain'")
-    known = set(inspect.signature(compress_model).parameters) - _OWN
+    known = {f.name for f in dataclasses.fields(CompressSettings)} - _OWN
     for key in options:
         if key not in known:
             raise TypeError(f"sweep got an unexpected option {key!r}; it passes on these options of "

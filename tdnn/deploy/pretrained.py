@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from tdnn.files import write_atomic
-from tdnn.io import load, save
+from tdnn.core.files import write_atomic
+from tdnn.deploy.io import load, save
+from tdnn.version import __version__
 
 WEIGHTS = "tdnn_model.safetensors"
 CONFIG = "tdnn_config.json"
@@ -51,8 +52,6 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike[str]) -> None
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "save_pretrained"):
         raise TypeError(f"{type(model).__name__} is not a Hugging Face model (no .config); use tdnn.save")
-    import tdnn
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(directory)
@@ -60,7 +59,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike[str]) -> None
     if generation is not None and hasattr(generation, "save_pretrained"):
         generation.save_pretrained(directory)
     save(model, directory / WEIGHTS)
-    info = {"format": FORMAT, "tdnn_version": tdnn.__version__, "weights": WEIGHTS,
+    info = {"format": FORMAT, "tdnn_version": __version__, "weights": WEIGHTS,
             "class": type(model).__qualname__, "module": type(model).__module__,
             "base_model_name_or_path": getattr(config, "_name_or_path", None) or None,
             "parameters": sum(p.numel() for p in model.parameters())}

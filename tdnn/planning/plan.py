@@ -1,9 +1,13 @@
-"""The compression plan: what happened to each layer, in a JSON-friendly form."""
+"""The compression plan: what happened to each layer, in a JSON-friendly form, and the record a
+layer carries on its way through :func:`tdnn.compress_model`."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import torch
+from torch import nn
 
 PLAN_ATTR = "tdnn_plan"  # where compress_model leaves the plan on the model
 
@@ -36,10 +40,32 @@ class LayerPlan:
 
 
 @dataclass
+class LayerJob:
+    """A layer on its way through :func:`tdnn.compress_model`: its plan entry, the dense module (let
+    go once replaced), the factorized class chosen for it and what calibration told about it."""
+
+    name: str
+    module: nn.Module | None
+    entry: LayerPlan
+    cls: type | None = None  # the tdnn.Factorized subclass; None: the layer stays dense
+    rank_spec: Any = None  # from ranks=; None under a budget
+    spectra: list[torch.Tensor] | None = None  # of the whitened weight, from a survey of the data
+    input_shape: tuple[int, ...] | None = None
+    out_scale: torch.Tensor | None = None  # of a BatchNorm reading the layer's output
+
+    def keep_dense(self, reason: str) -> None:
+        """Leave the layer dense, saying why."""
+        self.entry.reason, self.entry.method, self.entry.rank, self.entry.data_aware = reason, None, None, False
+        self.cls = None
+
+
+@dataclass
 class Plan:
-    """Per-layer decisions of one :func:`tdnn.compress_model` call, in walk order."""
+    """Per-layer decisions of :func:`tdnn.compress_model`, in walk order, and the settings of each
+    call that made them (:meth:`tdnn.CompressSettings.to_dict`, oldest first)."""
 
     layers: list[LayerPlan] = field(default_factory=list)
+    settings: list[dict[str, Any]] = field(default_factory=list)
 
     def __getitem__(self, name: str) -> LayerPlan:
         for layer in self.layers:
@@ -51,7 +77,7 @@ class Plan:
         return [layer for layer in self.layers if layer.factorized]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"layers": [asdict(layer) for layer in self.layers]}
+        return {"layers": [asdict(layer) for layer in self.layers], "settings": list(self.settings)}
 
     @classmethod
     def from_dict(cls, data: Any) -> Plan:
@@ -64,7 +90,11 @@ class Plan:
             raise ValueError("'plan': a plan is a mapping with a 'layers' list")
         if not isinstance(data["layers"], list):
             raise ValueError(f"'plan.layers' must be a list, got {type(data['layers']).__name__}")
-        return cls([_entry(entry, f"plan.layers[{i}]") for i, entry in enumerate(data["layers"])])
+        settings = data.get("settings", [])
+        if not isinstance(settings, list) or not all(
+                isinstance(s, dict) and all(isinstance(k, str) for k in s) for s in settings):
+            raise ValueError("'plan.settings' must be a list of mappings (one per compress_model call)")
+        return cls([_entry(entry, f"plan.layers[{i}]") for i, entry in enumerate(data["layers"])], settings)
 
 
 def _is_int(value: Any) -> bool:

@@ -11,12 +11,13 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from tdnn import registry, temporary, walk
-from tdnn.batches import call
-from tdnn.cost import model_flops
+from tdnn.core import temporary
+from tdnn.core.batches import call
+from tdnn.layers import registry, walk
 from tdnn.layers.base import Factorized
-from tdnn.plan import PLAN_ATTR, Plan
-from tdnn.ranks import dense_param_count
+from tdnn.planning.cost import model_flops
+from tdnn.planning.plan import PLAN_ATTR, Plan
+from tdnn.planning.ranks import dense_param_count
 
 
 @dataclass
@@ -64,7 +65,7 @@ class Report:
         output error when ``errors`` is given (:func:`tdnn.layer_errors`) and latency ratio when
         measured. Needs matplotlib (``pip install "tdnn[plot]"``). Returns the matplotlib ``Figure``.
         """
-        from tdnn.plot import plot_report
+        from tdnn.analysis.plot import plot_report
 
         return plot_report(self, path, errors=errors, title=title, dpi=dpi)
 
@@ -195,7 +196,7 @@ def checkpoint_report(path: str | os.PathLike[str]) -> Report:
     """
     from safetensors import safe_open
 
-    from tdnn.io import BUFFERS, read_header
+    from tdnn.deploy.io import BUFFERS, read_header
 
     header = read_header(path)
     with safe_open(os.fspath(path), framework="pt") as f:

@@ -13,8 +13,8 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import torch
 import tensorly as tl
+import torch
 from tensorly.decomposition import partial_tucker
 from tensorly.decomposition._cp import initialize_cp
 

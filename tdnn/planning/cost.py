@@ -8,6 +8,7 @@ few counted ranks (they are affine in each rank component).
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
@@ -16,10 +17,21 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from tdnn import registry
-from tdnn.batches import call
-from tdnn.latency import best_latencies
+from tdnn.core.batches import call
+from tdnn.core.timing import Clock, best_latencies, latencies
+from tdnn.layers import registry
 from tdnn.layers.base import Factorized
+
+
+class Measure(str, enum.Enum):
+    """What a cost counts: parameters, FLOPs of one forward, or seconds per forward."""
+
+    PARAMS = "params"
+    FLOPS = "flops"
+    LATENCY = "latency"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 def model_flops(model: nn.Module, batch: Any) -> int:
@@ -30,11 +42,12 @@ def model_flops(model: nn.Module, batch: Any) -> int:
     return counter.get_total_flops()
 
 
-def layer_cost(measure: str, layer: nn.Module, cls: type[Factorized] | None = None, rank: Any = None,
-               input_shape: tuple[int, ...] | None = None) -> float:
+def layer_cost(measure: Measure | str, layer: nn.Module, cls: type[Factorized] | None = None, rank: Any = None,
+               input_shape: tuple[int, ...] | None = None, *, clock: Clock = latencies) -> float:
     """Parameters (``measure="params"``), FLOPs on ``input_shape`` (``"flops"``) or seconds per call on
-    the layer's device (``"latency"``, a median of timed runs, in the faster memory layout for a
-    4-D input) of the dense ``layer`` (``cls=None``), or of ``cls`` at ``rank`` standing in for it.
+    the layer's device (``"latency"``: the median of ``clock``'s timed runs, in the faster memory
+    layout for a 4-D input; cached per clock) of the dense ``layer`` (``cls=None``), or of ``cls`` at
+    ``rank`` standing in for it.
 
     Example:
         >>> import torch, tdnn
@@ -42,9 +55,9 @@ def layer_cost(measure: str, layer: nn.Module, cls: type[Factorized] | None = No
         >>> layer_cost("params", layer), layer_cost("params", layer, tdnn.SVDLinear, 10)
         (5050, 1550)
     """
-    signature = _signature(layer)
-    if measure == "latency":
-        return _timed(cls, signature, rank, input_shape, str(layer.weight.device))
+    measure, signature = Measure(measure), _signature(layer)
+    if measure is Measure.LATENCY:
+        return _timed(cls, signature, rank, input_shape, str(layer.weight.device), clock)
     if cls is None:
         return _counted(measure, None, signature, None, input_shape)
     polynomial = _polynomial(measure, cls, signature, input_shape, cls.max_rank(layer))
@@ -58,12 +71,12 @@ def _signature(layer: nn.Module) -> tuple:
 
 
 @lru_cache(maxsize=65536)
-def _counted(measure: str, cls: type[Factorized] | None, signature: tuple, rank: Any,
+def _counted(measure: Measure, cls: type[Factorized] | None, signature: tuple, rank: Any,
              input_shape: tuple[int, ...] | None) -> int:
     kind, dtype, kwargs = signature
     meta = registry.kind_named(kind).build(dict(kwargs), device="meta", dtype=dtype)
     module = meta if cls is None else cls.structure(meta, rank, device="meta")
-    if measure == "params":
+    if measure is Measure.PARAMS:
         return sum(p.numel() for p in module.parameters())
     return model_flops(module, torch.empty(input_shape, device="meta", dtype=dtype))
 
@@ -78,7 +91,8 @@ def timing_weights(module: nn.Module, generator: torch.Generator) -> nn.Module:
 
 
 @lru_cache(maxsize=65536)
-def _timed(cls: type[Factorized] | None, signature: tuple, rank: Any, input_shape: tuple[int, ...], device: str) -> float:
+def _timed(cls: type[Factorized] | None, signature: tuple, rank: Any, input_shape: tuple[int, ...], device: str,
+           clock: Clock) -> float:
     kind, dtype, kwargs = signature
     g = torch.Generator().manual_seed(0)
     module = registry.kind_named(kind).build(dict(kwargs), device="cpu", dtype=dtype)
@@ -86,11 +100,11 @@ def _timed(cls: type[Factorized] | None, signature: tuple, rank: Any, input_shap
         module = cls.structure(module, rank)
     module = timing_weights(module, g).to(device).eval()
     x = torch.randn(input_shape, generator=g).to(device=device, dtype=dtype)
-    return best_latencies({"layer": module}, x, warmup=2, repeats=7)["layer"]
+    return best_latencies({"layer": module}, x, warmup=2, repeats=7, clock=clock)["layer"]
 
 
 @lru_cache(maxsize=4096)
-def _polynomial(measure: str, cls: type[Factorized], signature: tuple, input_shape: tuple[int, ...] | None,
+def _polynomial(measure: Measure, cls: type[Factorized], signature: tuple, input_shape: tuple[int, ...] | None,
                 top: Any) -> Callable[[Any], int] | None:
     """The cost at any rank from a few counted ones: each factor's parameters and FLOPs are affine
     in each rank component (bilinear in Tucker-2's pair), so ranks 1 and 2 per component fix them.

@@ -8,9 +8,9 @@ from collections.abc import Callable
 
 from torch import nn
 
-from tdnn import walk
+from tdnn.layers import walk
 from tdnn.layers.base import Factorized
-from tdnn.plan import PLAN_ATTR, Plan
+from tdnn.planning.plan import PLAN_ATTR, Plan
 
 MERGED = "merged back to dense by tdnn.merge"
 

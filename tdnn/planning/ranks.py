@@ -27,10 +27,11 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from tdnn.cost import layer_cost
+from tdnn.algebra.vbmf import evbmf_rank
 from tdnn.layers.base import Factorized, rank_components
-from tdnn.registry import check_method
-from tdnn.vbmf import evbmf_rank
+from tdnn.layers.registry import check_method
+from tdnn.planning.cost import layer_cost
+
 
 @dataclass(frozen=True)
 class Energy:

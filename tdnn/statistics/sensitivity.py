@@ -19,8 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from tdnn import calibrate, registry, temporary
-from tdnn.batches import batch_mask, batch_size, map_tensors
+from tdnn.core import temporary
+from tdnn.core.batches import batch_mask, batch_size, map_tensors
+from tdnn.layers import registry
+from tdnn.statistics.hooks import run
 
 SEED = 0
 
@@ -97,7 +99,7 @@ def _accumulate(model: nn.Module, batches: Sequence[Any], outputs: list[tuple[st
     with temporary.hooks(handles), temporary.modes({model: False}), torch.enable_grad():
         for i, batch in _samples(batches):
             outputs.clear()
-            z, logits = output_of(calibrate.run(model, batch, i))
+            z, logits = output_of(run(model, batch, i))
             if not z.requires_grad:
                 raise ValueError("no layer to compress reaches the model's output")
             eps = _probe(z, logits, batch_mask(batch), generator).to(z.device)

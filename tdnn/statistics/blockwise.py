@@ -15,15 +15,19 @@ import functools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tdnn import calibrate, temporary
-from tdnn.batches import batch_mask
-from tdnn.sensitivity import fisher_weights
+from tdnn.core import temporary
+from tdnn.core.batches import batch_mask
+from tdnn.layers.registry import Geometry
+from tdnn.statistics.calibration import Calibration
+from tdnn.statistics.hooks import collect, collect_pairs, run
+from tdnn.statistics.moments import InputStats
+from tdnn.statistics.sensitivity import fisher_weights
 
 Hidden = Any  # what flows from block to block: a tensor (or, for the whole model, the batch)
 _NO_CACHE = ("past_key_value", "past_key_values", "layer_past")  # kwargs a replay must not update
@@ -85,7 +89,7 @@ class Segment:
     def run(self, module: nn.Module, i: int, x: Hidden) -> Hidden:
         """``module`` (the block, or a copy of it) on batch ``i`` with hidden state ``x``."""
         if self.slot is None:
-            return calibrate.run(module, x, i)
+            return run(module, x, i)
         args, kwargs = self.calls[i]
         if isinstance(self.slot, int):
             return first_tensor(module(*args[:self.slot], x, *args[self.slot:], **kwargs))
@@ -112,7 +116,7 @@ def _hidden(args: tuple, kwargs: dict) -> tuple[int | str, torch.Tensor]:
 
 @torch.no_grad()
 def capture(model: nn.Module, names: list[str], batches: list[Any], *,
-            glue: dict[str, tuple[nn.Module, str]] | None = None) -> tuple[Chain, dict[str, calibrate.InputStats]]:
+            glue: dict[str, tuple[nn.Module, Geometry]] | None = None) -> tuple[Chain, dict[str, InputStats]]:
     """Run ``model`` once per batch and record what each named block is called with; check that
     each block takes the previous one's output. The same pass collects the statistics of the
     ``glue`` layers (outside the blocks: name -> (module, geometry)); without any, it stops after
@@ -152,7 +156,7 @@ def capture(model: nn.Module, names: list[str], batches: list[Any], *,
     def one(b: int, batch: Any) -> None:
         last.clear()
         try:
-            calibrate.run(model, batch, b)
+            run(model, batch, b)
         except _Stop:
             pass
         for i, segment in enumerate(segments):
@@ -166,7 +170,7 @@ def capture(model: nn.Module, names: list[str], batches: list[Any], *,
         handles.append(block.register_forward_hook(post(i), with_kwargs=True))
     with temporary.hooks(handles), temporary.modes({model: False}), _no_cache(model):
         if glue:
-            stats = calibrate.collect(model, batches, glue, runner=one, masks=masks)
+            stats = collect(model, batches, glue, runner=one, masks=masks)
         else:
             stats = {}
             for b, batch in enumerate(batches):
@@ -212,17 +216,30 @@ def groups(block: nn.Module, segment: Segment, x: Hidden, layers: dict[str, nn.M
     return steps + ([missed] if missed else [])
 
 
-# (name, stats) -> the factorized module for that layer, or None to keep it dense
-Factorize = Callable[[str, calibrate.InputStats], "nn.Module | None"]
-Swap = Callable[[nn.Module, nn.Module], None]  # (old, new): put new in old's place in the model
+class Replacer(Protocol):
+    """What block-wise calibration asks of its caller (:func:`tdnn.compress_model`): the model being
+    compressed as it is now (its root changes if the root itself is swapped) and, per layer, what
+    to do with it given its input statistics — swap a factorized form in, or keep it dense."""
+
+    @property
+    def model(self) -> nn.Module: ...
+
+    def replace(self, name: str, stats: InputStats) -> None: ...
 
 
-def replace(model: nn.Module, name: str, stats: calibrate.InputStats, factorize: Factorize, swap: Swap) -> None:
-    """``factorize`` the layer ``name`` of ``model`` and swap in what it returns (if anything)."""
-    old = model.get_submodule(name)
-    new = factorize(name, stats)
-    if new is not None:
-        swap(old, new)
+T = TypeVar("T")
+
+
+@dataclass
+class _Survey(Generic[T]):
+    """A :class:`Replacer` that measures each layer's statistics and swaps nothing."""
+
+    model: nn.Module
+    measure: Callable[[str, InputStats], T]
+    results: dict[str, T] = field(default_factory=dict)
+
+    def replace(self, name: str, stats: InputStats) -> None:
+        self.results[name] = self.measure(name, stats)
 
 
 def _within(block: str, name: str) -> str:
@@ -230,7 +247,8 @@ def _within(block: str, name: str) -> str:
 
 
 class BlockCompressor:
-    """Compresses layers block by block on cached inputs (see the module docstring).
+    """One pass over the blocks of ``runs``, handing each layer's statistics to ``replacer``
+    (see the module docstring).
 
     One-shot (``sequential=False``): each block's statistics come from the dense model's inputs;
     one pass per block, which also gives the next block its (dense) inputs. Sequential: each
@@ -240,28 +258,29 @@ class BlockCompressor:
     stream); a copy of one block is the reference.
     """
 
-    def __init__(self, model: nn.Module, chain: Chain, blocks: dict[str, list[str]], *,
-                 factorize: Factorize, swap: Swap, geometry: Callable[[str], str], sequential: bool,
-                 reference: nn.Module | None = None, progress: bool = False) -> None:
-        self.model, self.chain, self.blocks = model, chain, blocks
-        self.factorize, self.swap, self.geometry = factorize, swap, geometry
-        self.sequential, self.reference, self.progress = sequential, reference, progress
+    def __init__(self, runs: Runs, replacer: Replacer, *, sequential: bool) -> None:
+        self.runs, self.replacer, self.sequential = runs, replacer, sequential
+        self.chain = runs.chain()
 
     def run(self) -> None:
         current = reference = self.chain.inputs
-        for segment in tqdm(self.chain.segments, desc="blocks", disable=not self.progress, leave=False):
-            layers = self.blocks.get(segment.name, [])
+        for segment in tqdm(self.chain.segments, desc="blocks", disable=not self.runs.progress, leave=False):
+            layers = [n for n in self.runs.inside.get(segment.name, []) if n in self.runs.selected]
             if self.sequential:
                 current, reference = self._sequential(segment, layers, current, reference)
             else:
                 current = self._one_shot(segment, layers, current)
             _trim()
 
+    @property
+    def model(self) -> nn.Module:
+        return self.replacer.model
+
     def _block(self, name: str) -> nn.Module:
         return self.model.get_submodule(name) if name else self.model
 
-    def _layers(self, names: list[str]) -> dict[str, tuple[nn.Module, str]]:
-        return {n: (self.model.get_submodule(n), self.geometry(n)) for n in names}
+    def _layers(self, names: list[str]) -> dict[str, tuple[nn.Module, Geometry]]:
+        return {n: (self.model.get_submodule(n), self.runs.layers[n][1]) for n in names}
 
     def _one_shot(self, segment: Segment, names: list[str], xs: list[Hidden]) -> list[Hidden]:
         block, outputs = self._block(segment.name), []
@@ -269,30 +288,27 @@ class BlockCompressor:
         def runner(i: int, x: Hidden) -> None:
             outputs.append(segment.run(block, i, x))
 
-        stats = calibrate.collect(block, xs, self._layers(names), runner=runner, masks=self.chain.masks)
+        stats = collect(block, xs, self._layers(names), runner=runner, masks=self.chain.masks)
         for name in names:
-            self._factorize(name, stats[name])
+            self.replacer.replace(name, stats[name])
         return outputs
-
-    def _factorize(self, name: str, stats: calibrate.InputStats) -> None:
-        replace(self.model, name, stats, self.factorize, self.swap)
 
     def _sequential(self, segment: Segment, names: list[str], xs: list[Hidden], refs: list[Hidden]
                     ) -> tuple[list[Hidden], list[Hidden]]:
-        block = self._block(segment.name)
-        original = self.reference if (not segment.name and self.reference is not None) else copy.deepcopy(block)
+        block, reference = self._block(segment.name), self.runs.reference
+        original = reference if (not segment.name and reference is not None) else copy.deepcopy(block)
         if names:
-            first = calibrate.collect(block, xs, self._layers(names), masks=self.chain.masks,
-                                      runner=lambda i, x: segment.run(block, i, x))
+            first = collect(block, xs, self._layers(names), masks=self.chain.masks,
+                            runner=lambda i, x: segment.run(block, i, x))
             for step in groups(block, segment, xs[0], {n: self.model.get_submodule(n) for n in names}):
                 pairs = {n: (self.model.get_submodule(n), original.get_submodule(_within(segment.name, n)),
-                             self.geometry(n)) for n in step}
-                stats = calibrate.collect_pairs(
+                             self.runs.layers[n][1]) for n in step}
+                stats = collect_pairs(
                     block, original, len(xs), pairs, masks=self.chain.masks,
                     runner=lambda i, m: segment.run(m, i, refs[i] if m is original else xs[i]))
                 for name in step:
                     stats[name].out_scale = first[name].out_scale
-                    self._factorize(name, stats[name])
+                    self.replacer.replace(name, stats[name])
         with torch.no_grad(), temporary.modes({block: False, original: False}):
             return ([segment.run(block, i, x) for i, x in enumerate(xs)],
                     [segment.run(original, i, x) for i, x in enumerate(refs)])
@@ -304,7 +320,7 @@ class Runs:
     layers outside any block calibrated in one pass of the whole model. With a keeping
     :class:`tdnn.Calibration`, one-shot statistics come from (and go to) its cache."""
 
-    def __init__(self, model: nn.Module, layers: dict[str, tuple[nn.Module, str]], calibration: calibrate.Calibration,
+    def __init__(self, model: nn.Module, layers: dict[str, tuple[nn.Module, Geometry]], calibration: Calibration,
                  *, blocks: Any, reference: nn.Module | None, progress: bool) -> None:
         self.model, self.layers, self.calibration = model, layers, calibration
         self.batches, self.reference, self.progress = calibration.batches, reference, progress
@@ -315,52 +331,58 @@ class Runs:
         self.glue = [n for n in layers if not any(n in members for members in self.inside.values())]
         self.selected = list(layers)
         self._chain: Chain | None = None
-        self._glue_stats: dict[str, calibrate.InputStats] | None = None
+        self._glue_stats: dict[str, InputStats] = {}
 
     def only(self, names: list[str]) -> None:
         """Calibrate and factorize only these layers from now on."""
         self.selected = [n for n in self.layers if n in set(names)]
 
-    def fisher(self, layers: dict[str, nn.Module]) -> dict[str, float]:
-        """:func:`tdnn.sensitivity.fisher_weights` of ``layers`` on the dense model, cached."""
-        cache = self.calibration
-        kept = {n: cache.lookup(cache.fisher, n, m) for n, m in layers.items()}
-        if all(w is not None for w in kept.values()):
-            return kept
-        weights = fisher_weights(self.model, self.batches, layers)
-        for name, weight in weights.items():
-            cache.store(cache.fisher, name, layers[name], weight)
-        return weights
-
-    def run(self, swap: Swap, factorize: Factorize, *, sequential: bool) -> None:
-        """``factorize`` every selected layer with its statistics (swapping in what it returns)."""
-        cache = self.calibration
-        if not cache.keep or sequential:
-            self._passes(swap, factorize, sequential)
-            return
-        stats = {n: cache.lookup(cache.stats, n, *self.layers[n]) for n in self.selected}
-        if any(s is None for s in stats.values()):
-            def collected(name: str, value: calibrate.InputStats) -> None:
-                stats[name], value.keep = value, True
-                cache.store(cache.stats, name, self.layers[name][0], value, self.layers[name][1])
-
-            keep = self.selected
-            self.selected = list(self.layers)  # every layer, so that later calls find theirs too
-            self._passes(swap, collected, False)
-            self.selected = keep
-        for name in self.selected:
-            replace(swap.model, name, stats[name], factorize, swap)
-
-    def _passes(self, swap: Swap, factorize: Factorize, sequential: bool) -> None:
-        if self._chain is None:  # on the dense model, before anything is swapped
+    def chain(self) -> Chain:
+        """The blocks' inputs, captured on the dense model the first time (with the glue layers'
+        statistics), before anything is swapped."""
+        if self._chain is None:
             glue = {n: self.layers[n] for n in self.glue}
             self._chain, self._glue_stats = capture(self.model, self.names, self.batches, glue=glue)
-        segments = {b: [n for n in members if n in self.selected] for b, members in self.inside.items()}
-        BlockCompressor(swap.model, self._chain, segments, factorize=factorize, swap=swap,
-                        geometry=lambda n: self.layers[n][1], sequential=sequential, reference=self.reference,
-                        progress=self.progress).run()
+        return self._chain
+
+    def fisher(self, layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+        """:func:`~tdnn.statistics.sensitivity.fisher_weights` of ``layers`` on the dense model, kept
+        in a keeping :class:`tdnn.Calibration`."""
+        kept = self.calibration.fisher
+        if any(n not in kept for n in layers):
+            weights = fisher_weights(self.model, self.batches, layers)
+            if not self.calibration.keep:
+                return weights
+            kept.update(weights)
+        return {n: kept[n] for n in layers}
+
+    def survey(self, measure: Callable[[str, InputStats], T]) -> dict[str, T]:
+        """``measure(name, stats)`` of every selected layer on the dense model (one-shot statistics)."""
+        survey = _Survey(self.model, measure)
+        self.compress(survey, sequential=False)
+        return survey.results
+
+    def compress(self, replacer: Replacer, *, sequential: bool) -> None:
+        """``replacer.replace(name, stats)`` for every selected layer, block by block."""
+        if not self.calibration.keep or sequential:
+            self._passes(replacer, sequential)
+            return
+        kept = self.calibration.stats
+        if any(self.layers[n][1] not in kept.get(n, {}) for n in self.selected):
+            keep, self.selected = self.selected, list(self.layers)  # every layer: later calls find theirs
+            self._passes(_Survey(self.model, self._keep), False)
+            self.selected = keep
+        for name in self.selected:
+            replacer.replace(name, kept[name][self.layers[name][1]])
+
+    def _keep(self, name: str, stats: InputStats) -> None:
+        stats.keep = True  # the covariance outlives its square root: another call reads it again
+        self.calibration.stats.setdefault(name, {})[self.layers[name][1]] = stats
+
+    def _passes(self, replacer: Replacer, sequential: bool) -> None:
+        BlockCompressor(self, replacer, sequential=sequential).run()
         for name in [n for n in self.glue if n in self.selected]:
-            replace(swap.model, name, self._glue_stats[name], factorize, swap)
+            replacer.replace(name, self._glue_stats[name])
 
 
 def _trim() -> None:

@@ -28,22 +28,37 @@ Example — a method of your own, from outside the package (here: SVD that ignor
 
 from __future__ import annotations
 
+import enum
 import importlib
 import warnings
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from tdnn.layers.base import Factorized
-
 AUTO = "auto"
+# A method's class: a tdnn.Factorized subclass (named loosely here: tdnn.layers.base imports this module).
+Form = type[nn.Module]
 _KINDS: dict[str, LayerKind] = {}                       # kind name -> adapter
 _BY_TYPE: dict[type, LayerKind | None] = {}             # lookup cache, reset on registration
 _LAZY: dict[str, str] = {}                              # "module.Class" of a dense type -> tdnn module
-_METHODS: dict[str, dict[str, type[Factorized]]] = {}   # method -> kind name -> class
+_METHODS: dict[str, dict[str, Form]] = {}               # method -> kind name -> class
+
+
+class Geometry(str, enum.Enum):
+    """How a method reads a layer's kernel, and so which input vectors calibration collects.
+
+    ``PATCHES``: the kernel unfolded to a matrix ``(out, in·k…)``, met by unfolded input patches (a
+    Linear layer's input features; SVD of a convolution). ``CHANNELS``: the kernel as a tensor,
+    whose input mode meets each position's channel vector (Tucker-2, CP).
+    """
+
+    PATCHES = "patches"
+    CHANNELS = "channels"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 class LayerKind:
@@ -113,16 +128,15 @@ class LayerKind:
         return all(k == 1 for k in self.kernel(layer).shape[2:])
 
     # -- calibration -------------------------------------------------------------------------
-    def vectors(self, layer: nn.Module, x: torch.Tensor, geometry: str) -> torch.Tensor:
+    def vectors(self, layer: nn.Module, x: torch.Tensor, geometry: Geometry) -> torch.Tensor:
         """The input ``x`` as rows of the vectors the weight multiplies.
 
-        ``geometry`` is what the method decomposes: ``"patches"`` (the kernel as a matrix
-        ``(out, in·k…)``, multiplied by unfolded input patches) or ``"channels"`` (the kernel as a
-        tensor, whose input mode meets each position's channel vector). A matrix layer has one.
+        ``geometry`` is what the method decomposes (:class:`Geometry`); a matrix layer reads
+        both the same way.
         """
         return x.reshape(-1, x.shape[-1])
 
-    def vectors_key(self, layer: nn.Module, geometry: str) -> tuple:
+    def vectors_key(self, layer: nn.Module, geometry: Geometry) -> tuple:
         """Layers with equal keys reading the very same input get the same :meth:`vectors`."""
         return (self.name,)
 
@@ -152,7 +166,7 @@ def register_lazy_kind(qualified_type: str, module: str) -> None:
     _BY_TYPE.clear()
 
 
-def register_method(cls: type[Factorized], *, replace: bool = False) -> None:
+def register_method(cls: Form, *, replace: bool = False) -> None:
     """Register ``cls`` as method ``cls.method`` for kind ``cls.kind`` (done by declaring a
     :class:`tdnn.Factorized` subclass with ``method=`` and ``kind=``)."""
     if cls.method == AUTO:
@@ -238,14 +252,14 @@ def check_method(method: Any, where: str = "method") -> str:
     return method
 
 
-def forms() -> Iterator[tuple[str, str, type[Factorized]]]:
+def forms() -> Iterator[tuple[str, str, Form]]:
     """``(method, kind name, class)`` for every registered form."""
     for method, by_kind in _METHODS.items():
         for kind, cls in by_kind.items():
             yield method, kind, cls
 
 
-def factorized_class(layer: nn.Module, method: str) -> type[Factorized] | None:
+def factorized_class(layer: nn.Module, method: str) -> Form | None:
     """The class that factorizes ``layer`` under ``method``, or ``None`` if the method has no form
     for the layer's kind.
 

@@ -1,4 +1,10 @@
-"""Wall-clock timing of modules against each other, interleaved so machine noise hits all alike."""
+"""Wall-clock timing of modules against each other, interleaved so machine noise hits all alike.
+
+Everything that times takes a *clock*: a function ``(models, batch, *, warmup, repeats) -> {name:
+seconds}`` with :func:`latencies`' signature. :func:`latencies` is the real one; a test (or a
+user with a profiler of their own) passes another, e.g. one that counts FLOPs, and every latency
+decision downstream (``Budget(latency=..., timer=...)``, ``optimize_for_inference(..., timer=...)``)
+uses it instead of the wall clock."""
 
 from __future__ import annotations
 
@@ -11,10 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from tdnn.batches import call
+from tdnn.core.batches import call
 
 # (dense, factorized, example input) -> factorized latency / dense latency
 LatencyTimer = Callable[[nn.Module, nn.Module, torch.Tensor], float]
+# (models by name, batch, *, warmup, repeats) -> seconds per call by name: see latencies()
+Clock = Callable[..., dict[str, float]]
 
 
 def _sync() -> None:
@@ -61,10 +69,11 @@ def latencies(models: dict[str, nn.Module], batch: Any, *, warmup: int = 2,
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def best_latencies(models: dict[str, nn.Module], x: Any, *, warmup: int = 2, repeats: int = 9) -> dict[str, float]:
-    """:func:`latencies`, each module in its faster memory layout: for a 4-D tensor ``x`` every module
-    is timed contiguous and ``channels_last`` (weights and input; all interleaved) — as
-    :func:`tdnn.optimize_for_inference` would deploy it — and counts in the faster one.
+def best_latencies(models: dict[str, nn.Module], x: Any, *, warmup: int = 2, repeats: int = 9,
+                   clock: Clock = latencies) -> dict[str, float]:
+    """``clock`` (:func:`latencies`), each module in its faster memory layout: for a 4-D tensor ``x``
+    every module is timed contiguous and ``channels_last`` (weights and input; all interleaved) —
+    as :func:`tdnn.optimize_for_inference` would deploy it — and counts in the faster one.
 
     Example:
         >>> import torch
@@ -73,16 +82,16 @@ def best_latencies(models: dict[str, nn.Module], x: Any, *, warmup: int = 2, rep
         True
     """
     if not (isinstance(x, torch.Tensor) and x.dim() == 4):
-        return latencies(models, x, warmup=warmup, repeats=repeats)
+        return clock(models, x, warmup=warmup, repeats=repeats)
     layouts = (torch.contiguous_format, torch.channels_last)
     bound = {f"{name} {layout}": Bound(copy.deepcopy(m).to(memory_format=layout), x.contiguous(memory_format=layout))
              for name, m in models.items() for layout in layouts}
-    times = latencies(bound, (), warmup=warmup, repeats=repeats)
+    times = clock(bound, (), warmup=warmup, repeats=repeats)
     return {name: min(times[f"{name} {layout}"] for layout in layouts) for name in models}
 
 
 def latency_ratio(dense: nn.Module, factorized: nn.Module, x: torch.Tensor, *,
-                  warmup: int = 2, repeats: int = 9) -> float:
+                  warmup: int = 2, repeats: int = 9, clock: Clock = latencies) -> float:
     """Median latency of ``factorized(x)`` over median latency of ``dense(x)`` on ``x``'s device.
 
     The two run interleaved, each in its faster memory layout (:func:`best_latencies`). Below 1
@@ -95,5 +104,6 @@ def latency_ratio(dense: nn.Module, factorized: nn.Module, x: torch.Tensor, *,
         >>> latency_ratio(dense, small, torch.randn(64, 512)) > 0
         True
     """
-    times = best_latencies({"dense": dense, "factorized": factorized}, x, warmup=warmup, repeats=repeats)
+    times = best_latencies({"dense": dense, "factorized": factorized}, x, warmup=warmup, repeats=repeats,
+                           clock=clock)
     return times["factorized"] / max(times["dense"], 1e-12)

@@ -10,11 +10,13 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from tdnn.report import Report
-    from tdnn.sweep import Sweep, SweepPoint
+from tdnn.planning.cost import Measure
+
+# What is drawn: a tdnn.Sweep (its rows are tdnn.SweepPoint) and a tdnn.Report. Named loosely here:
+# they import this module to draw themselves, and this one draws them by their attributes alone.
+Sweep = SweepPoint = Report = Any
 
 SUFFIXES = (".png", ".svg", ".pdf")
 DENSE, FACTORIZED, MEASURED = "#b8b8b8", "#3a6ea5", "#e07b39"
@@ -58,9 +60,9 @@ def _count(n: float) -> str:
 
 def _axis_label(cost: str, sweep: Sweep) -> str:
     original = sweep.original
-    if cost == "params":
+    if Measure(cost) is Measure.PARAMS:
         return f"parameters (fraction of the original's {_count(original.params)})"
-    if cost == "flops":
+    if Measure(cost) is Measure.FLOPS:
         return f"FLOPs (fraction of the original's {_count(original.flops)})"
     return f"latency (fraction of the original's {original.latency * 1e3:.3g} ms)"
 
@@ -76,7 +78,7 @@ def _sweep_axes(ax: Any, sweep: Sweep, cost: str, pareto: tuple[SweepPoint, ...]
     for i, (label, rows) in enumerate(series.items()):
         rows = sorted(rows, key=lambda r: r.target)
         ax.plot([r.cost(cost) for r in rows], [r.metric for r in rows], marker=markers[i % len(markers)],
-                linestyle="none" if cost == "latency" else "-", linewidth=1.2, markersize=5, label=label)
+                linestyle="none" if Measure(cost) is Measure.LATENCY else "-", linewidth=1.2, markersize=5, label=label)
     ax.plot([1.0], [sweep.original.metric], marker="*", markersize=14, color="black", linestyle="none",
             label="original")
     ax.plot([r.cost(cost) for r in pareto], [r.metric for r in pareto], drawstyle="steps-post",

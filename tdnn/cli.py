@@ -25,6 +25,7 @@ import torch
 
 import tdnn
 from tdnn import _vision as vision
+from tdnn.analysis.plot import checked_path
 from tdnn.analysis.report import checkpoint_report, format_table
 from tdnn.analysis.sweep import MEASURES, MODES, ranks_filter
 from tdnn.deploy.io import read_header
@@ -226,6 +227,8 @@ def _finetune(args: argparse.Namespace) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> None:
+    if args.plot:
+        checked_path(args.plot)  # before the sweep, not after it
     cfg = tdnn.load_config(args.config)
     data = vision.image_data(args.data, image_size=args.image_size, batch_size=args.batch_size,
                              workers=args.workers)

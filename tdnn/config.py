@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import reprlib
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -133,17 +134,48 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         ValueError: ...c.yaml: unknown key 'compress.rank_method'; known keys: ranks, method, ...
     """
     source = os.fspath(path)
-    with open(source, encoding="utf-8") as f:
-        text = f.read()
+    with open(source, "rb") as f:
+        raw = f.read()
     try:
-        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{source}: not UTF-8 text (byte {err.start}); save the config as UTF-8") from None
+    return Config.from_dict(_parse(text, source), source=source)
+
+
+MAX_VALUES = 10_000  # values a config may hold once its aliases are expanded
+
+
+def _parse(text: str, source: str) -> Any:
+    """The YAML document, refused if its aliases expand past :data:`MAX_VALUES` values."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None and _expanded(node, {}) > MAX_VALUES:
+            raise ValueError(f"{source}: its aliases expand to more than {MAX_VALUES} values; a config is "
+                             f"not that large (an alias bomb?)")
+        return loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise ValueError(f"{source}: invalid YAML{where}: {err.problem or err}") from None
     except yaml.YAMLError as err:
         raise ValueError(f"{source}: invalid YAML: {err}") from None
-    return Config.from_dict(data, source=source)
+    except RecursionError:
+        raise ValueError(f"{source}: nested too deeply to be a config") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """How many values ``node`` stands for with every alias expanded (each shared node counted once
+    per use, computed once)."""
+    if id(node) not in sizes:
+        sizes[id(node)] = 0  # a recursive alias counts as nothing more
+        children = [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else \
+            node.value if isinstance(node, yaml.SequenceNode) else []
+        sizes[id(node)] = 1 + sum(_expanded(c, sizes) for c in children)
+    return sizes[id(node)]
 
 
 def known_keys(section: str) -> list[str]:
@@ -164,17 +196,17 @@ def _section(name: str, values: Any, source: str) -> dict[str, Any]:
         value = out[key] = _from_mapping(value, hints.get(key), f"{source}: '{name}.{key}'")
         if key in hints and not _matches(value, hints[key]):
             raise TypeError(f"{source}: '{name}.{key}' must be {_hint_text(hints[key])}, "
-                            f"got {value!r} ({type(value).__name__})")
+                            f"got {_short(value)} ({type(value).__name__})")
         validator = VALIDATORS.get((name, key))
         if validator is not None:
             try:
                 validator(value)
             except (ValueError, TypeError) as err:
-                raise type(err)(f"{source}: '{name}.{key}': {err}") from None
+                raise type(err)(f"{source}: '{name}.{key}': {_clip(err)}") from None
     try:  # the settings check their values together
         SECTIONS[name](**out)
     except (ValueError, TypeError) as err:
-        raise type(err)(f"{source}: '{name}': {err}") from None
+        raise type(err)(f"{source}: '{name}': {_clip(err)}") from None
     return out
 
 
@@ -188,7 +220,7 @@ def _from_mapping(value: Any, hint: Any, where: str) -> Any:
             try:
                 return member(**value)
             except (ValueError, TypeError) as err:
-                raise type(err)(f"{where}: {err}") from None
+                raise type(err)(f"{where}: {_clip(err)}") from None
     return value
 
 
@@ -228,14 +260,37 @@ class _Loader(yaml.SafeLoader):
 
 
 def _mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    """A mapping whose keys are plain values and unique (merge keys ``<<: *base`` are standard YAML:
+    the mapping's own keys win over merged ones)."""
     seen: dict[Any, Any] = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
         key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, (str, int, float, bool)) and key is not None:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a key must be a name or a number, got a {type(key).__name__}", key_node.start_mark)
         if key in seen:
             raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (first at line {seen[key].line + 1})", key_node.start_mark)
+                None, None, f"duplicate key {_short(key)} (first at line {seen[key].line + 1})", key_node.start_mark)
         seen[key] = key_node.start_mark
+    loader.flatten_mapping(node)
     return loader.construct_mapping(node, deep=deep)
+
+
+def _clip(err: Exception, limit: int = 300) -> str:
+    """An error's message, at most ``limit`` characters (a bad value may be long)."""
+    text = str(err)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _short(value: Any) -> str:
+    """A bounded repr of a value from a file (never the whole of a huge one)."""
+    return _REPR.repr(value)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 3, 6, 6, 60, 60
 
 
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)

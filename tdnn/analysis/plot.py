@@ -31,10 +31,17 @@ def _figure(**kwargs: Any) -> Any:
     return Figure(**kwargs)
 
 
-def _checked(path: str | os.PathLike[str]) -> Path:
+def checked_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` if a picture can be written there: its suffix names a format, and matplotlib is installed.
+
+    Raises:
+        ValueError: for a suffix other than ``.png``, ``.svg`` or ``.pdf``.
+        ImportError: without matplotlib.
+    """
     path = Path(path)
     if path.suffix.lower() not in SUFFIXES:
         raise ValueError(f"path {str(path)!r}: give a file ending in {', '.join(SUFFIXES)}")
+    _figure()
     return path
 
 
@@ -44,7 +51,7 @@ def save(figure: Any, path: str | os.PathLike[str], *, dpi: int = 100) -> Path:
     Raises:
         ValueError: for a suffix other than ``.png``, ``.svg`` or ``.pdf``.
     """
-    path = _checked(path)
+    path = checked_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=dpi, bbox_inches="tight")
     return path
@@ -105,7 +112,7 @@ def sweep_figure(sweep: Sweep, *, title: str | None = None) -> Any:
 
 def plot_sweep(sweep: Sweep, path: str | os.PathLike[str], *, title: str | None = None, dpi: int = 100) -> Any:
     """Draw :func:`sweep_figure` into ``path``; returns the figure."""
-    _checked(path)  # before the work of drawing
+    checked_path(path)  # before the work of drawing
     fig = sweep_figure(sweep, title=title)
     save(fig, path, dpi=dpi)
     return fig
@@ -186,7 +193,7 @@ def report_figure(report: Report, *, errors: Mapping[str, float] | None = None, 
 def plot_report(report: Report, path: str | os.PathLike[str], *, errors: Mapping[str, float] | None = None,
                 title: str | None = None, dpi: int = 100) -> Any:
     """Draw :func:`report_figure` into ``path``; returns the figure."""
-    _checked(path)
+    checked_path(path)
     fig = report_figure(report, errors=errors, title=title)
     save(fig, path, dpi=dpi)
     return fig

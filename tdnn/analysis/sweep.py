@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -25,12 +24,14 @@ from tdnn.compress import Budget, CompressSettings, compress_model
 from tdnn.compress.settings import FilterFn
 from tdnn.core import temporary
 from tdnn.core.batches import batch_mask, call
+from tdnn.core.checks import plain_number
 from tdnn.core.timing import latencies
 from tdnn.layers import registry, walk
 from tdnn.layers.base import Factorized
 from tdnn.planning.cost import Measure, model_flops
 from tdnn.planning.ranks import NO_ENTRY, RankRule
 from tdnn.statistics.calibration import Calibration
+from tdnn.statistics.hooks import run
 from tdnn.statistics.sensitivity import output_of
 
 MODES = ("plain", "data-aware", "sequential")
@@ -201,7 +202,7 @@ class _Fidelity:
     logits: bool = False
 
     def __post_init__(self) -> None:
-        outputs = [self._outputs(self.model, b) for b in self.batches]
+        outputs = [self._outputs(self.model, b, i) for i, b in enumerate(self.batches)]
         self.reference = [z for z, _ in outputs]
         self.logits = outputs[0][1]
 
@@ -211,15 +212,15 @@ class _Fidelity:
 
     @staticmethod
     @torch.no_grad()
-    def _outputs(model: nn.Module, batch: Any) -> tuple[torch.Tensor, bool]:
+    def _outputs(model: nn.Module, batch: Any, index: int) -> tuple[torch.Tensor, bool]:
         with temporary.modes({model: False}):
-            z, logits = output_of(call(model, batch))
+            z, logits = output_of(run(model, batch, index, "inputs batch"))
         return z.detach().float(), logits
 
     def __call__(self, model: nn.Module) -> float:
         hits = total = 0.0
-        for batch, ref in zip(self.batches, self.reference):
-            z = self._outputs(model, batch)[0]
+        for i, (batch, ref) in enumerate(zip(self.batches, self.reference)):
+            z = self._outputs(model, batch, i)[0]
             if self.logits:
                 same = (z.argmax(-1) == ref.argmax(-1)).float()
                 mask = batch_mask(batch)
@@ -285,11 +286,28 @@ class _Run:
 
 
 def _metric(value: Any) -> float:
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    plain = plain_number(value)
+    if plain is None:
         raise TypeError(f"evaluate must return a number, got {type(value).__name__} {value!r}")
-    return float(value)
+    return float(plain)
+
+
+def _names(value: Sequence[str] | str) -> tuple[str, ...]:
+    """Method or mode names: a single name is one name, not its characters."""
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _targets(targets: Any) -> tuple[float, ...]:
+    """The budget fractions, from any iterable of numbers (a list, a tuple, a numpy array)."""
+    if isinstance(targets, (str, bytes)) or not isinstance(targets, Iterable):
+        raise ValueError(f"targets must be a non-empty sequence of fractions in (0, 1], got {targets!r}")
+    values = [plain_number(t) for t in targets]
+    if not values:
+        raise ValueError(f"targets must be a non-empty sequence of fractions in (0, 1], got {targets!r}")
+    for t, value in zip(targets, values):
+        if value is None or not 0 < value <= 1:
+            raise ValueError(f"targets: {t!r} is not a fraction in (0, 1]")
+    return tuple(float(v) for v in values)
 
 
 def _batches(value: Any, name: str) -> list[Any] | None:
@@ -304,13 +322,8 @@ def _batches(value: Any, name: str) -> list[Any] | None:
     return batches
 
 
-def _check(targets: Sequence[float], measure: str, methods: Sequence[str], modes: Sequence[str],
-           has_data: bool, options: Mapping[str, Any]) -> None:
-    if isinstance(targets, (str, bytes)) or not isinstance(targets, Sequence) or not targets:
-        raise ValueError(f"targets must be a non-empty sequence of fractions in (0, 1], got {targets!r}")
-    for t in targets:
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 1:
-            raise ValueError(f"targets: {t!r} is not a fraction in (0, 1]")
+def _check(measure: str, methods: Sequence[str], modes: Sequence[str], has_data: bool,
+           options: Mapping[str, Any]) -> None:
     if measure not in MEASURES:
         raise ValueError(f"measure={measure!r}: choose one of {', '.join(MEASURES)}")
     for method in methods:
@@ -389,8 +402,9 @@ def sweep(model: nn.Module, evaluate: Evaluate | None = None, *, targets: Sequen
     if evaluate is not None and not callable(evaluate):
         raise TypeError(f"evaluate must be a callable model -> number, got {type(evaluate).__name__}")
     calibration = _batches(calibration, "calibration") if not isinstance(calibration, Calibration) else calibration
-    modes = tuple(modes) if modes is not None else ("data-aware",) if calibration is not None else ("plain",)
-    _check(targets, measure, tuple(methods), modes, calibration is not None, options)
+    modes = _names(modes) if modes is not None else ("data-aware",) if calibration is not None else ("plain",)
+    targets, methods = _targets(targets), _names(methods)
+    _check(measure, methods, modes, calibration is not None, options)
     inputs = _batches(inputs, "inputs") or (list(calibration) if calibration is not None else None)
     if inputs is None and (evaluate is None or latency):
         raise ValueError("give inputs= (or calibration=): batches to measure fidelity and latency on; or pass "
@@ -399,7 +413,7 @@ def sweep(model: nn.Module, evaluate: Evaluate | None = None, *, targets: Sequen
     if calibration is not None and not (isinstance(calibration, Calibration) and calibration.keep):
         calibration = Calibration(calibration)
     run = _Run(model, judge, measure, calibration, None if inputs is None else inputs[0], latency, options)
-    plan = [(mode, method, float(t)) for mode in modes for method in methods for t in targets]
+    plan = [(mode, method, t) for mode in modes for method in methods for t in targets]
     points = []
     for mode, method, target in tqdm(plan, desc="sweep", disable=not progress):
         small, seconds = run.compress(mode, method, target)
@@ -454,6 +468,14 @@ def layer_errors(original: nn.Module, compressed: nn.Module, inputs: Iterable[An
         (['0'], True)
     """
     layers = {n: m for n, m, _ in walk.named_layers(compressed, lambda m: isinstance(m, Factorized))}
+    dense = dict(original.named_modules())
+    for name, module in layers.items():
+        twin = dense.get(name)
+        kind = registry.kind_of(twin) if twin is not None else None
+        if kind is None or kind.name != module.kind.name or kind.dense_kwargs(twin) != module.dense_kwargs:
+            raise ValueError(f"layer_errors: {name}: the original has no {module.kind.name}"
+                             f"({', '.join(f'{k}={v}' for k, v in module.dense_kwargs.items())}) there; pass the "
+                             f"dense model {type(compressed).__name__} was compressed from")
     sums = {n: [0.0, 0.0] for n in layers}
 
     def hook(name: str) -> Callable[..., None]:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tdnn.core.checks import plain_number
 from tdnn.core.timing import Clock, latencies
 from tdnn.deploy.inference import optimize_for_inference
 from tdnn.layers import walk
@@ -76,8 +77,10 @@ class Budget:
         if len(given) != 1:
             raise ValueError("Budget: give exactly one of params=, flops= or latency=")
         key, value = given[0]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < value <= 1.0):
+        plain = plain_number(value)
+        if plain is None or not (0.0 < plain <= 1.0):
             raise ValueError(f"Budget: {key}={value!r} must be a fraction in (0, 1]")
+        object.__setattr__(self, key, float(plain))  # frozen: a numpy scalar made plain, once, here
         if not isinstance(self.sensitivity, bool):
             raise ValueError(f"Budget: sensitivity={self.sensitivity!r} must be true or false")
         if self.timer is not None and not callable(self.timer):

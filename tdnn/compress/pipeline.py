@@ -13,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tdnn.compress.budget import assign
-from tdnn.compress.select import accept, own_rank, select
+from tdnn.compress.select import accept, own_rank, select, why_none
 from tdnn.compress.settings import CompressSettings, make_settings
 from tdnn.compress.swapper import Swapper
 from tdnn.core.timing import LatencyTimer, latency_ratio
@@ -214,6 +214,8 @@ def compress_model(model: nn.Module, ranks: Any = None, *, settings: CompressSet
     if not inplace:  # copy only now: planning never mutates, and a copy keeps the same module order
         model = _copy(model, jobs)
     chosen = [j for j in jobs if j.cls is not None]
+    if not chosen and settings.budget is not None:
+        raise ValueError(f"{settings.budget}: no layer is left to allocate ranks to ({why_none(jobs)})")
     if calibration is not None and not isinstance(calibration, Calibration):
         calibration = Calibration(calibration, keep=False)
     swap = Swapper(model, park=inplace)

@@ -4,6 +4,7 @@ before any rank is known or any work done — and the rank each one gets from it
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from typing import Any
 
 import torch
@@ -16,6 +17,8 @@ from tdnn.layers.base import Factorized
 from tdnn.planning.cost import Measure, layer_cost
 from tdnn.planning.plan import LayerJob, LayerPlan
 from tdnn.planning.ranks import NO_ENTRY, VBMF, Energy, RankRule, dense_param_count, rank_for_ratio, rank_from_spectra
+
+NO_FORM = "has no form for"  # the reason of a layer whose kind the method does not cover
 
 
 def why_not(name: str, module: nn.Module, parent: nn.Module | None, ties: dict[int, list[str]]) -> str | None:
@@ -62,7 +65,7 @@ def _select(name: str, module: nn.Module, parent: nn.Module | None, rule: RankRu
             job.rank_spec, method = spec.rank, spec.method or method
     if reason is None:
         job.cls = registry.factorized_class(module, registry.check_method(method, f"{name}: method"))
-        reason = (f"method {method!r} has no form for {job.entry.kind} layers" if job.cls is None
+        reason = (f"method {method!r} {NO_FORM} {job.entry.kind} layers" if job.cls is None
                   else job.cls.unsupported(module))
     if reason is not None:
         job.keep_dense(reason)
@@ -93,7 +96,19 @@ def select(model: nn.Module, settings: CompressSettings) -> list[LayerJob]:
     if rule is not None:
         for key in rule.unused_keys():
             warnings.warn(f"ranks: pattern '{key}' matches no layer of {type(model).__name__}", stacklevel=3)
+    missing = sorted({j.entry.kind for j in jobs if NO_FORM in (j.entry.reason or "")})
+    if missing and all(j.cls is None for j in jobs):
+        raise ValueError(f"{type(model).__name__}: nothing to compress: no registered method has a form for its "
+                         f"{', '.join(missing)} layers under method {settings.method!r} (registered: "
+                         f"{', '.join(f'{m} for {k}' for m, k, _ in registry.forms()) or 'none'}); was a method "
+                         f"or kind unregistered?")
     return jobs
+
+
+def why_none(jobs: list[LayerJob]) -> str:
+    """Why no layer is factorized: the commonest reasons, with how many layers each."""
+    counts = Counter(j.entry.reason for j in jobs)
+    return "; ".join(f"{n} layer{'s' if n > 1 else ''}: {reason}" for reason, n in counts.most_common(3))
 
 
 def own_rank(job: LayerJob, multiple: int) -> Any:

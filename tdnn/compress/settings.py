@@ -3,7 +3,6 @@ YAML config, the command line or a sweep) and recorded in the plan, so a checkpo
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
@@ -12,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from tdnn.compress.budget import Budget
+from tdnn.core.checks import count, number
 from tdnn.core.timing import LatencyTimer
 from tdnn.layers.registry import check_method
 from tdnn.planning.cost import Measure
@@ -55,7 +55,7 @@ class CompressSettings:
         >>> tdnn.CompressSettings(ranks=0.5, damping=-1)
         Traceback (most recent call last):
         ...
-        ValueError: damping=-1 must be a finite number >= 0
+        ValueError: damping=-1 must be a number >= 0
     """
 
     ranks: Any = None
@@ -81,15 +81,11 @@ class CompressSettings:
             raise TypeError(f"filter_fn must be callable (module, name) -> bool, got {type(self.filter_fn).__name__}")
         _flag("sequential", self.sequential)
         _check_blocks(self.blocks)
-        damping = self.damping
-        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 <= damping < math.inf:
-            raise ValueError(f"damping={damping!r} must be a finite number >= 0")
+        object.__setattr__(self, "damping", number("damping", self.damping, low=0))  # frozen: made plain once
         if not isinstance(self.latency_aware, bool) and not callable(self.latency_aware):
             raise TypeError(f"latency_aware must be True, False or a callable (dense, factorized, x) -> ratio, "
                             f"got {self.latency_aware!r}")
-        multiple = self.rank_multiple
-        if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
-            raise ValueError(f"rank_multiple must be a positive int, got {multiple!r}")
+        object.__setattr__(self, "rank_multiple", count("rank_multiple", self.rank_multiple))
 
     def data_needed(self) -> str | None:
         """Why these settings need calibration data, or ``None`` if they do not."""

@@ -176,6 +176,8 @@ def _header(meta: dict[str, str]) -> dict[str, Any]:
             parsed[key] = json.loads(meta[key])
         except json.JSONDecodeError as err:
             raise ValueError(f"'{key}' is not valid JSON ({err})") from None
+        except RecursionError:
+            raise ValueError(f"'{key}' is nested too deeply to be a tdnn header") from None
     layers, aliases = parsed["layers"], parsed["aliases"]
     if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                 for k, v in aliases.items()):
@@ -335,9 +337,13 @@ def load(path: PathLike, model: nn.Module, *, assign: bool = False) -> nn.Module
         state = {key: value.clone() for key, value in state.items()}
     buffers = {key[len(BUFFERS):]: state.pop(key) for key in [k for k in state if k.startswith(BUFFERS)]}
     for alias, stored in header["aliases"].items():
+        if stored not in state:
+            raise ValueError(f"{path}: damaged tdnn checkpoint: 'aliases' maps {alias!r} to {stored!r}, which the "
+                             f"file does not hold")
         state[alias] = state[stored]
     try:
         model = _apply(model, header["plan"], header["layers"], state)
+        _check_buffers(model, buffers)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
     ties = list(walk.shared_parameters(model).values())
@@ -349,3 +355,13 @@ def load(path: PathLike, model: nn.Module, *, assign: bool = False) -> nn.Module
         if attr in module._buffers:
             module.register_buffer(attr, value, persistent=False)
     return model
+
+
+def _check_buffers(model: nn.Module, buffers: Mapping[str, torch.Tensor]) -> None:
+    """Every stored non-persistent buffer belongs to a module of ``model``."""
+    modules = dict(model.named_modules())
+    for name in buffers:
+        owner = name.rpartition(".")[0]
+        if owner not in modules:
+            raise ValueError(f"the checkpoint stores the buffer {name!r}, but the model has no module {owner!r}; "
+                             f"is the model the same architecture?")

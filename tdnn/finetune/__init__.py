@@ -25,6 +25,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tdnn.core import temporary
+from tdnn.core.checks import plain_number
+from tdnn.core.digest import model_digest
 from tdnn.finetune import distributed as ddp
 from tdnn.finetune.checkpoint import Checkpointer, rng_state, set_rng_state
 from tdnn.finetune.data import EpochData, global_batch_sizes
@@ -73,9 +75,11 @@ class _Best:
     def consider(self, value: Any, step: int) -> None:
         if self.direction is None:
             return
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        plain = plain_number(value)
+        if plain is None or plain != plain:
             raise TypeError(f"keep_best={self.direction!r} needs eval_fn to return a number, got {value!r}; "
                             f"return one, or pass keep_best=None")
+        value = plain
         if self.group.world > 1:  # every process keeps the same weights: rank 0's verdict
             shared = [value]
             torch.distributed.broadcast_object_list(shared, src=0)
@@ -136,6 +140,8 @@ class _Run:
         self.step = TrainStep(self.held.net, self.held.teacher(teacher, device) if teacher is not None else None,
                               settings, device=device, amp=amp, world=self.group.world, total=self.total)
         self.record = {**settings.describe(), "amp": amp, "teacher": teacher is not None, **self.data.describe()}
+        if checkpoint_dir is not None:  # what a resume must find again (before any weight changes)
+            self.record |= {"start_weights": model_digest(model), "data": self.data.fingerprint()}
         self.checkpoints = Checkpointer(checkpoint_dir, self.group)
         self.result, self.in_epoch, self.saved_at = FinetuneResult(), 0, None
         self.best = _Best(settings.keep_best, self.group, self.held)
@@ -151,7 +157,11 @@ class _Run:
                                       per_epoch=self.per_epoch, device=self.held.load_device)
         if state is None:
             return
-        self.held.load_model_state(state["model"])
+        try:
+            self.held.load_model_state(state["model"])
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise ValueError(f"{self.checkpoints.path}: its weights do not fit this model ({str(err)[:300]}); "
+                             f"resume with the same model, or pass resume=False to start afresh") from None
         self.held.load_optimizer_state(self.step.opt, state["optimizer"])
         self.step.load_state_dict(state)
         self.result = FinetuneResult(state["step"], state["epoch"], list(state["losses"]), list(state["evals"]),
@@ -231,6 +241,7 @@ class _Run:
             bar.close()
             for p in self.frozen:
                 p.requires_grad_(True)
+            self.checkpoints.close()
             self.group.close()
         return r
 

@@ -14,10 +14,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tdnn.core.files import remove_stale, write_atomic
+from tdnn.core.files import Lock, remove_stale, write_atomic
 from tdnn.finetune.distributed import Group
 
 NAME = "last.pt"
+LOCK = ".lock"
 FORMAT = "tdnn.finetune/1"
 
 
@@ -46,14 +47,21 @@ def _fail(path: Path, problem: str) -> ValueError:
                       f"(--no-resume) to start afresh")
 
 
+# What a checkpoint was written for: the model it started from, and the data.
+FINGERPRINTS = {"start_weights": "another model (the weights it started from differ)",
+                "data": "other data (their number or first batch differ)"}
+
+
 class Checkpointer:
     """Reads and writes ``directory/last.pt`` for one run (only the main process writes).
 
-    Made before any training, so an unwritable directory fails at once, not after an epoch.
+    Made before any training, so an unwritable directory fails at once, not after an epoch; the
+    main process holds a lock on the directory for the whole run, so a second run on it is refused
+    (naming the holder) instead of overwriting or deleting the first one's files.
     """
 
     def __init__(self, directory: str | os.PathLike[str] | None, group: Group) -> None:
-        self.group = group
+        self.group, self.lock = group, None
         self.path = None if directory is None else Path(directory) / NAME
         if self.path is None or not group.main:
             return
@@ -63,7 +71,13 @@ class Checkpointer:
                 pass
         except OSError as err:
             raise ValueError(f"checkpoint_dir {self.path.parent} is not writable: {err}") from None
-        remove_stale(self.path)  # left by a run killed while writing
+        self.lock = Lock(self.path.parent / LOCK, f"checkpoint_dir {self.path.parent}")
+        remove_stale(self.path)  # left by a run killed while writing (the lock says none is writing)
+
+    def close(self) -> None:
+        """Let the directory go (the end of the run)."""
+        if self.lock is not None:
+            self.lock.release()
 
     def read(self, expected: dict[str, Any], *, total: int, epochs: int, per_epoch: int | None,
              device: torch.device) -> dict[str, Any] | None:
@@ -78,6 +92,9 @@ class Checkpointer:
         if state is None:
             return None
         saved = state["settings"]
+        for key, what in FINGERPRINTS.items():
+            if key in expected and expected[key] != saved.get(key):
+                raise _fail(self.path, f"was written for {what} than this run's")
         changed = sorted(k for k in expected.keys() | saved.keys() if expected.get(k) != saved.get(k))
         if changed:
             detail = ", ".join(f"{k}: {saved.get(k)!r} -> {expected.get(k)!r}" for k in changed)

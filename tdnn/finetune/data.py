@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Sampler, SequentialSampler
 
 from tdnn.core.batches import batch_size, map_tensors, split_labels
+from tdnn.core.digest import batch_digest
 
 
 def global_batch_sizes(n: int, batch: int, *, drop_last: bool, world: int) -> list[int]:
@@ -100,6 +101,16 @@ class EpochData:
             return {"batches": len(self.data)}
         except TypeError:
             return {}
+
+    def fingerprint(self) -> str:
+        """A digest of the data cheap to take and sound to compare: the number of samples and the
+        first and last sample of a reshardable loader's dataset, else the number of batches and
+        the first batch."""
+        if self.loader is not None:
+            dataset = self.loader.dataset
+            return batch_digest([len(dataset), dataset[0], dataset[len(dataset) - 1]])
+        first = next(iter(self.data), None)
+        return batch_digest([len(self), first])
 
     def epoch(self, epoch: int, start: int) -> Iterator[tuple[Any, int]]:
         if self.loader is not None:

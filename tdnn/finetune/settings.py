@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from tdnn.core.checks import count, number
+
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("cosine", "constant")
 TRAINABLE = ("all", "factorized")
@@ -19,17 +21,8 @@ PARALLEL = ("ddp", "fsdp")
 NOT_IN_YAML = frozenset({"loss_fn"})
 
 
-def _positive_int(name: str, value: Any, *, zero: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero else 1):
-        raise ValueError(f"{name}={value!r} must be a {'non-negative' if zero else 'positive'} int")
-
-
-def _number(name: str, value: Any, *, low: float, high: float = math.inf, open_low: bool = False) -> None:
-    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-          and (value > low if open_low else value >= low) and value <= high)
-    if not ok:
-        bounds = f"{'>' if open_low else '>='} {low:g}" + (f" and <= {high:g}" if high < math.inf else "")
-        raise ValueError(f"{name}={value!r} must be a number {bounds}")
+def _set(settings: Any, name: str, value: Any) -> None:
+    object.__setattr__(settings, name, value)  # frozen: a checked value made plain, once, here
 
 
 @dataclass(frozen=True)
@@ -68,14 +61,14 @@ class FinetuneSettings:
     parallel: str = "ddp"
 
     def __post_init__(self) -> None:
-        _positive_int("epochs", self.epochs)
+        _set(self, "epochs", count("epochs", self.epochs))
         for name in ("max_steps", "checkpoint_every"):
             if getattr(self, name) is not None:
-                _positive_int(name, getattr(self, name))
-        _positive_int("warmup_steps", self.warmup_steps, zero=True)
-        _positive_int("seed", self.seed, zero=True)
+                _set(self, name, count(name, getattr(self, name)))
+        _set(self, "warmup_steps", count("warmup_steps", self.warmup_steps, zero=True))
+        _set(self, "seed", count("seed", self.seed, zero=True))
         if self.lr is not None:
-            _number("lr", self.lr, low=0, open_low=True)
+            _set(self, "lr", number("lr", self.lr, low=0, open_low=True))
         if self.keep_best not in (None, "max", "min"):
             raise ValueError(f"keep_best={self.keep_best!r}: choose 'max' (e.g. accuracy), 'min' (e.g. a loss) or None")
         if self.trainable not in TRAINABLE:
@@ -85,13 +78,13 @@ class FinetuneSettings:
                              f"(each process holds a shard of the model)")
         if self.freeze_batchnorm is not None and not isinstance(self.freeze_batchnorm, bool):
             raise TypeError(f"freeze_batchnorm must be true, false or null, got {self.freeze_batchnorm!r}")
-        _number("momentum", self.momentum, low=0, high=1)
-        _number("weight_decay", self.weight_decay, low=0)
-        _number("temperature", self.temperature, low=0, open_low=True)
+        _set(self, "momentum", number("momentum", self.momentum, low=0, high=1))
+        _set(self, "weight_decay", number("weight_decay", self.weight_decay, low=0))
+        _set(self, "temperature", number("temperature", self.temperature, low=0, open_low=True))
         if self.alpha is not None:
-            _number("alpha", self.alpha, low=0, high=1)
+            _set(self, "alpha", number("alpha", self.alpha, low=0, high=1))
         if self.max_grad_norm is not None:
-            _number("max_grad_norm", self.max_grad_norm, low=0, open_low=True)
+            _set(self, "max_grad_norm", number("max_grad_norm", self.max_grad_norm, low=0, open_low=True))
         if not callable(self.optimizer) and self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer={self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)} or pass a "
                              f"callable params -> torch.optim.Optimizer")

@@ -64,14 +64,14 @@ class Factorized(nn.Sequential):
     spectral_ranks: ClassVar[bool] = True
 
     def __init_subclass__(cls, *, method: str | None = None, kind: str | LayerKind | None = None,
-                          **kwargs: Any) -> None:
+                          replace: bool = False, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if method is not None:
             cls.method = method
         if kind is not None:
             cls.kind = registry.kind_named(kind) if isinstance(kind, str) else kind
         if (method is not None or kind is not None) and hasattr(cls, "method") and hasattr(cls, "kind"):
-            registry.register_method(cls)
+            registry.register_method(cls, replace=replace)
 
     def __init__(self, children: OrderedDict[str, nn.Module], *, dense_kwargs: dict[str, Any],
                  rank: Rank) -> None:
@@ -200,12 +200,17 @@ class Factorized(nn.Sequential):
                 then minimise the layer's output error on that data instead of its weight error.
 
         Raises:
-            ValueError: for a bad rank, an unsupported layer, non-finite weights or factors.
+            ValueError: for a bad rank, an unsupported layer, non-finite weights or factors, or
+                naming the layer, if the method's ``_decompose`` fails.
         """
         module = cls.structure(layer, rank, name=name)
         parts = cls.targets(layer, whitening, name=name)
         with torch.no_grad():
-            module._decompose(parts)
+            try:
+                module._decompose(parts)
+            except Exception as err:  # a method of the user's own: say which layer it failed on
+                raise ValueError(f"{name}: {cls.__qualname__}._decompose failed at rank {rank} "
+                                 f"({type(err).__name__}: {err})") from err
             if layer.bias is not None:
                 module.last.bias.copy_(layer.bias)
             bad = [n for n, p in module.named_parameters() if not decompose.all_finite(p)]

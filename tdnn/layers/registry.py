@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import enum
 import importlib
-import warnings
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -82,11 +81,11 @@ class LayerKind:
     spatial: ClassVar[int] = 0
 
     def __init_subclass__(cls, *, dense_type: type[nn.Module] | None = None, name: str | None = None,
-                          **kwargs: Any) -> None:
+                          replace: bool = False, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if dense_type is not None:
             cls.dense_type, cls.name = dense_type, name or dense_type.__name__
-            register_kind(cls())
+            register_kind(cls(), replace=replace)
 
     # -- the layer's description -------------------------------------------------------------
     def dense_kwargs(self, layer: nn.Module) -> dict[str, Any]:
@@ -152,8 +151,26 @@ class LayerKind:
 # -- registration --------------------------------------------------------------------------------
 
 
-def register_kind(kind: LayerKind) -> LayerKind:
-    """Register a kind adapter (done by declaring a :class:`LayerKind` subclass with ``dense_type=``)."""
+def _same(old: type, new: type) -> bool:
+    """The very class, or the same definition run again (a module reloaded)."""
+    return old is new or (old.__module__, old.__qualname__) == (new.__module__, new.__qualname__)
+
+
+def register_kind(kind: LayerKind, *, replace: bool = False) -> LayerKind:
+    """Register a kind adapter (done by declaring a :class:`LayerKind` subclass with ``dense_type=``).
+
+    Raises:
+        ValueError: if another adapter is registered under that name or for that dense type,
+            unless ``replace=True`` (``class MyLinear(LayerKind, dense_type=nn.Linear, replace=True)``).
+    """
+    clash = [k for k in _KINDS.values() if (k.name == kind.name or k.dense_type is kind.dense_type)
+             and not _same(type(k), type(kind))]
+    if clash and not replace:
+        raise ValueError(f"{type(kind).__name__}: {clash[0].dense_type.__name__} layers already have the kind "
+                         f"{clash[0]!r}; a second one would leave them without methods. Declare it with "
+                         f"replace=True to replace it")
+    for old in clash:
+        unregister_kind(old.name)
     _KINDS[kind.name] = kind
     _BY_TYPE.clear()
     return kind
@@ -168,14 +185,26 @@ def register_lazy_kind(qualified_type: str, module: str) -> None:
 
 def register_method(cls: Form, *, replace: bool = False) -> None:
     """Register ``cls`` as method ``cls.method`` for kind ``cls.kind`` (done by declaring a
-    :class:`tdnn.Factorized` subclass with ``method=`` and ``kind=``)."""
+    :class:`tdnn.Factorized` subclass with ``method=`` and ``kind=``).
+
+    Raises:
+        TypeError: if ``cls`` is not a :class:`tdnn.Factorized` subclass with a method and a kind.
+        ValueError: for the reserved name ``"auto"``, or if another class is that method's form for
+            the kind already (tdnn's own SVD, say), unless ``replace=True``
+            (``class MySVD(tdnn.SVDLinear, method="svd", kind="Linear", replace=True)``).
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Sequential) and callable(getattr(cls, "from_dense", None))
+            and isinstance(getattr(cls, "method", None), str) and isinstance(getattr(cls, "kind", None), LayerKind)):
+        raise TypeError(f"register_method takes a tdnn.Factorized subclass declared with method= and kind=, "
+                        f"got {cls!r}")
     if cls.method == AUTO:
         raise ValueError(f"{cls.__name__}: 'auto' is reserved; choose another method name")
     forms = _METHODS.setdefault(cls.method, {})
     old = forms.get(cls.kind.name)
-    if old is not None and old is not cls and not replace and old.__qualname__ != cls.__qualname__:
-        warnings.warn(f"{cls.__name__} replaces {old.__name__} as method {cls.method!r} for "
-                      f"{cls.kind.name}", stacklevel=3)
+    if old is not None and not _same(old, cls) and not replace:
+        raise ValueError(f"{cls.__module__}.{cls.__qualname__}: method {cls.method!r} for {cls.kind.name} layers is "
+                         f"{old.__module__}.{old.__qualname__} already; declare the class with replace=True to "
+                         f"replace it, or choose another method name")
     forms[cls.kind.name] = cls
 
 

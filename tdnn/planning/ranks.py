@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from tdnn.algebra.vbmf import evbmf_rank
+from tdnn.core.checks import plain_number
 from tdnn.layers.base import Factorized, rank_components
 from tdnn.layers.registry import check_method
 from tdnn.planning.cost import layer_cost
@@ -88,6 +89,7 @@ def check_rank_value(rank: Any, where: str) -> RankValue:
         return rank
     if isinstance(rank, str):
         return _parse_rule(rank, where)
+    rank = plain_number(rank) if plain_number(rank) is not None else rank  # numpy scalars as int / float
     if isinstance(rank, float):
         if not (0.0 < rank <= 1.0):  # also rejects NaN
             raise ValueError(f"{where}: ratio={rank} must be in (0, 1]")

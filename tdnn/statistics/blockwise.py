@@ -38,14 +38,19 @@ class _Stop(BaseException):
     BaseException, so that no ``except Exception`` in the model's own code swallows it)."""
 
 
-def first_tensor(output: Any) -> torch.Tensor:
-    """A block's hidden-state output: the tensor itself, or the first element of a tuple."""
-    while isinstance(output, (tuple, list)):
+def first_tensor(output: Any, name: str = "a block") -> torch.Tensor:
+    """A block's hidden-state output: the tensor itself, or the first element of a tuple.
+
+    Raises:
+        TypeError: naming the block, for any other output (a dict, say).
+    """
+    while isinstance(output, (tuple, list)) and output:
         output = output[0]
     if hasattr(output, "last_hidden_state"):
         output = output.last_hidden_state
     if not isinstance(output, torch.Tensor):
-        raise TypeError(f"a block returned a {type(output).__name__}, not a tensor or a tuple starting with one")
+        raise TypeError(f"blocks: {name} returned a {type(output).__name__}, not a tensor or a tuple starting "
+                        f"with one; name other blocks (blocks=[...]), or blocks=[] to calibrate in one pass")
     return output
 
 
@@ -92,8 +97,8 @@ class Segment:
             return run(module, x, i)
         args, kwargs = self.calls[i]
         if isinstance(self.slot, int):
-            return first_tensor(module(*args[:self.slot], x, *args[self.slot:], **kwargs))
-        return first_tensor(module(*args, **{**kwargs, self.slot: x}))
+            return first_tensor(module(*args[:self.slot], x, *args[self.slot:], **kwargs), self.name)
+        return first_tensor(module(*args, **{**kwargs, self.slot: x}), self.name)
 
 
 @dataclass
@@ -131,6 +136,7 @@ def capture(model: nn.Module, names: list[str], batches: list[Any], *,
         return Chain([Segment("")], list(batches), masks), {}
     segments, inputs, last = [Segment(n) for n in names], [], {}
     blocks = [model.get_submodule(n) for n in names]
+    whole = [True]  # run the whole forward (batch 0: a block called again after the last one is seen)
 
     def pre(i: int) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -148,21 +154,23 @@ def capture(model: nn.Module, names: list[str], batches: list[Any], *,
 
     def post(i: int) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            last[i] = first_tensor(output)
-            if i == len(blocks) - 1 and not glue:
+            last[i] = first_tensor(output, names[i])
+            if i == len(blocks) - 1 and not glue and not whole[0]:
                 raise _Stop  # the rest of the model (an LM head: large logits) is not needed
         return hook
 
     def one(b: int, batch: Any) -> None:
         last.clear()
+        whole[0] = b == 0
         try:
             run(model, batch, b)
         except _Stop:
             pass
         for i, segment in enumerate(segments):
             if len(segment.calls) != b + 1:
-                raise ValueError(f"blocks: {names[i]} ran {len(segment.calls) - b} times on calibration "
-                                 f"batch {b}; a block must run once per forward")
+                raise ValueError(f"blocks: {names[i]} ran {len(segment.calls) - b} times on calibration batch {b}; "
+                                 f"a block must run once per forward (name blocks that do with blocks=[...], or "
+                                 f"blocks=[] to calibrate the whole model in one pass)")
 
     handles = []
     for i, block in enumerate(blocks):

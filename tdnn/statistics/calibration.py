@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from tdnn.algebra import decompose
-from tdnn.core.batches import map_tensors
+from tdnn.core.batches import batch_mask, map_tensors
+from tdnn.core.digest import model_digest
 from tdnn.layers.registry import Geometry
 from tdnn.statistics.moments import InputStats
 
@@ -31,29 +30,18 @@ def batch_list(calibration: Iterable[Any]) -> list[Any]:
         if not isinstance(batch, (torch.Tensor, tuple, list, Mapping)):
             raise TypeError(f"calibration batch {i}: a batch must be a tensor, a tuple/list of arguments or a "
                             f"dict of keyword arguments, got {type(batch).__name__}")
-        bad = []
-        map_tensors(batch, lambda t: bad.append(t.is_floating_point() and not torch.isfinite(t).all()) or t)
-        if any(bad):
+        tensors: list[torch.Tensor] = []
+        map_tensors(batch, lambda t: tensors.append(t) or t)
+        if any(t.is_meta for t in tensors):
+            raise ValueError(f"calibration batch {i} holds tensors on the meta device, which have no values; "
+                             f"give real data")
+        if any(t.is_floating_point() and not torch.isfinite(t).all() for t in tensors):
             raise ValueError(f"calibration batch {i} holds NaN or Inf values")
+    masks = [batch_mask(b) for b in batches]
+    if masks and all(m is not None and not bool(m.any()) for m in masks):
+        raise ValueError("calibration: every batch's attention_mask is all zeros, so no token would be counted; "
+                         "give batches with real tokens (1 marks a token to keep)")
     return batches
-
-
-def fingerprint(model: nn.Module) -> str:
-    """A digest of everything a calibration pass of ``model`` reads: the module tree (names and
-    types) and the bytes, shapes and dtypes of every parameter and buffer. Two models with equal
-    fingerprints give the same statistics on the same batches."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name, module in model.named_modules(remove_duplicate=False):
-        digest.update(f"{name}:{type(module).__module__}.{type(module).__qualname__};".encode())
-    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-    for name, tensor in tensors:
-        tensor = tensor.detach()
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
-        if tensor.numel() and not tensor.is_meta:
-            flat = tensor.reshape(-1)
-            for rows in decompose.slabs(flat, 1 << 22):  # no full-size copy of a large tensor
-                digest.update(flat[rows].cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 class Calibration:
@@ -63,7 +51,7 @@ class Calibration:
     say): the first one-shot data-aware call collects every layer's input statistics (and, for a
     budget, the layers' sensitivities), the later ones reuse them, so a sweep costs one calibration
     pass. Statistics depend on every layer before a layer, so they are kept for one model at a
-    time: each call compares the :func:`fingerprint` of the model it compresses (its structure and
+    time: each call compares the digest of the model it compresses (its structure and
     every parameter and buffer) with the one they were collected on, and a changed model is
     collected again. Sequential mode, whose statistics depend on the compressed layers, always
     runs its own passes.
@@ -99,7 +87,7 @@ class Calibration:
         """Before a call on ``model``: forget what was kept unless it came from this very model."""
         if not self.keep:
             return
-        current = fingerprint(model)
+        current = model_digest(model)
         if current != self.model_fingerprint:
             self.stats.clear()
             self.fisher.clear()

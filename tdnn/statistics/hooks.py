@@ -122,12 +122,12 @@ def _checked(stats: dict[str, InputStats]) -> dict[str, InputStats]:
     return stats
 
 
-def run(model: nn.Module, batch: Any, index: int) -> Any:
-    """``model`` on calibration batch number ``index``; a failure says how batches are passed."""
+def run(model: nn.Module, batch: Any, index: int, what: str = "calibration batch") -> Any:
+    """``model`` on batch number ``index``; a failure says which batch and how batches are passed."""
     try:
         return call(model, batch)
     except (TypeError, ValueError, RuntimeError, IndexError) as err:
-        raise ValueError(f"calibration batch {index}: the model failed on it ({type(err).__name__}: {err}); "
+        raise ValueError(f"{what} {index}: the model failed on it ({type(err).__name__}: {err}); "
                          f"a batch is passed as model(batch) for a tensor, model(*batch) for a tuple or list, "
                          f"model(**batch) for a dict: for a DataLoader of (inputs, labels) give "
                          f"(x for x, _ in loader)") from err

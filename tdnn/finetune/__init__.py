@@ -25,9 +25,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tdnn.core import temporary
-from tdnn.core.checks import plain_number
 from tdnn.core.digest import model_digest
 from tdnn.finetune import distributed as ddp
+from tdnn.finetune.best import Best
 from tdnn.finetune.checkpoint import Checkpointer, rng_state, set_rng_state
 from tdnn.finetune.data import EpochData, global_batch_sizes
 from tdnn.finetune.parallel import Replicas, holder
@@ -50,8 +50,12 @@ class FinetuneResult:
         losses: this process's mean training loss of every step.
         evals: what ``eval_fn`` returned after each completed epoch.
         resumed_from: the step the run resumed from, ``None`` for a fresh run.
-        best_step: with ``keep_best``, the step whose weights were kept (0: those before training).
-        best_eval: the evaluation of those weights.
+        best_step: the step whose weights the model ends with (0: those before training), ``None``
+            when the last weights are kept without comparing.
+        best_eval: the measure of those weights (held-out loss, or ``eval_fn``'s value).
+        held_out: the measure on the held-out slice before training and after each epoch (and at
+            a step limit), when a slice was held out.
+        kept: which weights the model ends with, and why.
     """
 
     steps: int = 0
@@ -61,52 +65,16 @@ class FinetuneResult:
     resumed_from: int | None = None
     best_step: int | None = None
     best_eval: Any = None
-
-
-class _Best:
-    """The best weights by ``eval_fn`` so far (step 0: before training), to restore at the end."""
-
-    def __init__(self, direction: str | None, group: ddp.Group, holder: Replicas) -> None:
-        self.direction, self.group, self.holder = direction, group, holder
-        self.step: int | None = None
-        self.value: float | None = None
-        self.weights: dict[str, torch.Tensor] | None = None
-
-    def consider(self, value: Any, step: int) -> None:
-        if self.direction is None:
-            return
-        plain = plain_number(value)
-        if plain is None or plain != plain:
-            raise TypeError(f"keep_best={self.direction!r} needs eval_fn to return a number, got {value!r}; "
-                            f"return one, or pass keep_best=None")
-        value = plain
-        if self.group.world > 1:  # every process keeps the same weights: rank 0's verdict
-            shared = [value]
-            torch.distributed.broadcast_object_list(shared, src=0)
-            value = shared[0]
-        better = self.value is None or (value > self.value if self.direction == "max" else value < self.value)
-        if better:
-            self.step, self.value = step, float(value)
-            self.weights = {k: v.detach().clone() for k, v in self.holder.model_state().items()}
-
-    def state_dict(self) -> dict[str, Any] | None:
-        return None if self.weights is None else {"step": self.step, "value": self.value, "model": self.weights}
-
-    def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        if state is not None:
-            self.step, self.value, self.weights = state["step"], state["value"], state["model"]
-
-    def restore(self, result: FinetuneResult) -> None:
-        if self.weights is not None:
-            self.holder.load_model_state(self.weights)
-            result.best_step, result.best_eval = self.step, self.value
+    held_out: list[float] = field(default_factory=list)
+    kept: str = ""
 
 
 class _Run:
     """One fine-tuning run: the model on its device, the data, the step, the checkpoints and the position."""
 
     def __init__(self, model: nn.Module, data: Iterable[Any], teacher: nn.Module | None, settings: FinetuneSettings,
-                 *, device: Any, distributed: bool | None, checkpoint_dir: Any, resume: bool) -> None:
+                 *, eval_fn: EvalFn | None, device: Any, distributed: bool | None, checkpoint_dir: Any,
+                 resume: bool) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         settings = settings.resolved(teacher=teacher is not None)
@@ -117,8 +85,12 @@ class _Run:
         device = torch.device(device or ddp.Launch.from_env().default_device(distributed)
                               or next((p.device for p in model.parameters()), "cpu"))
         amp = device.type == "cuda" if settings.amp is None else settings.amp
+        if settings.keep_best in ("max", "min") and eval_fn is None:
+            raise ValueError(f"keep_best={settings.keep_best!r} keeps the best weights by eval_fn: give one "
+                             f"(or keep_best='auto': by the loss on batches held out of the data)")
         self.group = ddp.join(device, distributed)
-        self.data = EpochData(data, world=self.group.world, rank=self.group.rank, seed=settings.seed)
+        self.data = EpochData(data, world=self.group.world, rank=self.group.rank, seed=settings.seed,
+                              holdout=settings.held_out_batches(data))
         try:
             self.per_epoch: int | None = len(self.data)
         except TypeError:
@@ -144,7 +116,8 @@ class _Run:
             self.record |= {"start_weights": model_digest(model), "data": self.data.fingerprint()}
         self.checkpoints = Checkpointer(checkpoint_dir, self.group)
         self.result, self.in_epoch, self.saved_at = FinetuneResult(), 0, None
-        self.best = _Best(settings.keep_best, self.group, self.held)
+        self.eval_fn, self.by_eval = eval_fn, settings.keep_best in ("max", "min")
+        self.best = self._best(settings, teacher is not None)
         self.rng_at = {"epoch": None, "step": None}  # states to restore on resume, see epoch()
         self.epoch_rng: dict[str, Any] | None = None  # the RNG state at the current epoch's start
         if resume:
@@ -209,41 +182,73 @@ class _Run:
             raise ValueError(f"data yielded no batches in epoch {r.epochs + 1}")
         return True
 
-    def loop(self, eval_fn: EvalFn | None, progress: bool) -> FinetuneResult:
+    def _best(self, settings: FinetuneSettings, teacher: bool) -> Best:
+        """What the run keeps the best weights by: ``eval_fn`` (``keep_best="max"|"min"``), else the
+        loss on the held-out slice (``"auto"``, when one could be held out), else nothing."""
+        if self.by_eval:
+            return Best("eval_fn value", settings.keep_best, self.group, self.held)
+        measure = "held-out KL to the teacher at T=1" if teacher else "held-out label loss"
+        return Best(measure, "min" if settings.keep_best == "auto" and self.data.held else None, self.group, self.held)
+
+    def measure(self, step: int, *, epoch_end: bool) -> None:
+        """Evaluate at ``step``: ``eval_fn`` (after an epoch, or when it is the measure) and the
+        held-out loss; the best weights noted."""
         r = self.result
-        bar = tqdm(total=self.total, initial=r.steps, desc="finetune", unit="step", dynamic_ncols=True,
-                   disable=not progress or not self.group.main)
+        evaluated = self.eval_fn is not None and (epoch_end or self.by_eval)
+        value = self._evaluate(self.eval_fn) if evaluated else None
+        if evaluated and epoch_end:
+            r.evals.append(value)
+            if self.group.main:
+                self.bar.write(f"epoch {r.epochs}: {value}")
+        if self.data.held:
+            r.held_out.append(self._held_out_loss())
+            value = value if self.by_eval else r.held_out[-1]
+        if value is not None and self.best.step != step:
+            self.best.consider(value, step)
+
+    def loop(self, progress: bool) -> FinetuneResult:
+        r = self.result
+        self.bar = tqdm(total=self.total, initial=r.steps, desc="finetune", unit="step", dynamic_ncols=True,
+                        disable=not progress or not self.group.main)
         try:
             # the teacher's outputs are computed under no_grad: it is never updated
             with temporary.modes({self.model: True, self.teacher: False, self.step.teacher: False}):
                 self._train_mode()
-                if eval_fn is not None and self.best.direction is not None and r.steps == 0:
-                    self.best.consider(self._evaluate(eval_fn), 0)
-                while r.steps < self.total and r.epochs < self.settings.epochs:
-                    if not self.epoch(bar):
-                        # stopped inside an epoch (max_steps): the last weights still compete
-                        if eval_fn is not None and self.best.direction is not None and self.best.step != r.steps:
-                            self.best.consider(self._evaluate(eval_fn), r.steps)
-                        break
-                    r.epochs, self.in_epoch = r.epochs + 1, 0
-                    if eval_fn is not None:
-                        r.evals.append(self._evaluate(eval_fn))
-                        self.best.consider(r.evals[-1], r.steps)
-                        if self.group.main:
-                            bar.write(f"epoch {r.epochs}: {r.evals[-1]}")
-                    self.epoch_rng = rng_state()  # the next epoch starts here
-                    self.save()
-                if self.saved_at != r.steps:
-                    self.save()
-            self.best.restore(r)
-            self.held.finish()
+                if r.steps == 0:
+                    self.measure(0, epoch_end=False)  # the weights before training compete too
+                self._train()
+            self._end()
+        except BaseException:
+            if self.held.restores_locally:  # whatever went wrong, the best weights so far are the model's
+                self.best.restore()
+            raise
         finally:
-            bar.close()
+            self.bar.close()
             for p in self.frozen:
                 p.requires_grad_(True)
             self.checkpoints.close()
             self.group.close()
         return r
+
+    def _train(self) -> None:
+        r = self.result
+        while r.steps < self.total and r.epochs < self.settings.epochs:
+            if not self.epoch(self.bar):
+                self.measure(r.steps, epoch_end=False)  # stopped inside an epoch (max_steps): it competes
+                break
+            r.epochs, self.in_epoch = r.epochs + 1, 0
+            self.measure(r.steps, epoch_end=True)
+            self.epoch_rng = rng_state()  # the next epoch starts here
+            self.save()
+        if self.saved_at != r.steps:
+            self.save()
+
+    def _end(self) -> None:
+        r = self.result
+        if self.best.restore():
+            r.best_step, r.best_eval = self.best.step, self.best.value
+        r.kept = self.best.verdict(r.steps)
+        self.held.finish()
 
     def _train_mode(self) -> None:
         """Train mode, with BatchNorm statistics frozen (eval mode) if asked."""
@@ -259,6 +264,15 @@ class _Run:
             return eval_fn(self.held.module)
         finally:
             self._train_mode()
+
+    def _held_out_loss(self) -> float:
+        """The mean measure (:meth:`TrainStep.held_out`) on the held-out slice, in eval mode."""
+        self.held.module.eval()
+        try:
+            parts = [self.step.held_out(self.held.module, batch) for batch in self.data.held]
+        finally:
+            self._train_mode()
+        return sum(s for s, _ in parts) / max(1, sum(n for _, n in parts))
 
 
 def finetune(model: nn.Module, data: Iterable[Any], settings: FinetuneSettings | None = None, *,
@@ -368,6 +382,6 @@ def finetune(model: nn.Module, data: Iterable[Any], settings: FinetuneSettings |
     if unknown:
         raise TypeError(f"finetune: unknown option {unknown[0]!r}; the settings are {', '.join(sorted(known))}")
     settings = dataclasses.replace(settings or FinetuneSettings(), **options)
-    run = _Run(model, data, teacher, settings, device=device, distributed=distributed,
+    run = _Run(model, data, teacher, settings, eval_fn=eval_fn, device=device, distributed=distributed,
                checkpoint_dir=checkpoint_dir, resume=resume)
-    return run.loop(eval_fn, progress)
+    return run.loop(progress)

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Sampler, SequentialSampler
+from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Sampler, SequentialSampler, Subset
 
 from tdnn.core.batches import batch_size, map_tensors, split_labels
 from tdnn.core.digest import batch_digest
@@ -38,46 +38,68 @@ def global_batch_sizes(n: int, batch: int, *, drop_last: bool, world: int) -> li
 class _EpochBatchSampler(Sampler[list[int]]):
     """This process's share of each global batch of one epoch, from global batch ``start`` on.
 
-    Global batch ``j`` holds positions ``j·B … (j+1)·B − 1`` of a permutation fixed by
-    ``(seed, epoch)``; process ``r`` of ``W`` takes every ``W``-th of them, starting at ``r``.
+    Global batch ``j`` holds positions ``j·B … (j+1)·B − 1`` of a permutation of the training
+    ``indices`` fixed by ``(seed, epoch)``; process ``r`` of ``W`` takes every ``W``-th of them,
+    starting at ``r``.
     """
 
-    def __init__(self, n: int, batch: int, *, world: int, rank: int, shuffle: bool,
+    def __init__(self, indices: list[int], batch: int, *, world: int, rank: int, shuffle: bool,
                  drop_last: bool, seed: int, epoch: int, start: int) -> None:
-        self.n, self.batch, self.world, self.rank = n, batch, world, rank
+        self.indices, self.batch, self.world, self.rank = indices, batch, world, rank
         self.shuffle, self.seed, self.epoch, self.start = shuffle, seed, epoch, start
-        self.sizes = global_batch_sizes(n, batch, drop_last=drop_last, world=world)
+        self.sizes = global_batch_sizes(len(indices), batch, drop_last=drop_last, world=world)
 
     def __len__(self) -> int:
         return len(self.sizes) - self.start
 
     def __iter__(self) -> Iterator[list[int]]:
+        order = self.indices
         if self.shuffle:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(self.n, generator=gen).tolist()
-        else:
-            order = list(range(self.n))
+            order = [self.indices[i] for i in torch.randperm(len(self.indices), generator=gen).tolist()]
         for j in range(self.start, len(self.sizes)):
             lo = j * self.batch
             yield order[lo + self.rank: lo + self.sizes[j]: self.world]
 
 
 class EpochData:
-    """``data`` for one process of ``world``: ``epoch(e, start)`` yields ``(batch, global batch size)``."""
+    """``data`` for one process of ``world``: ``epoch(e, start)`` yields ``(batch, global batch size)``.
 
-    def __init__(self, data: Iterable[Any], *, world: int, rank: int, seed: int) -> None:
+    With ``holdout`` batches held out, those are never trained on: for a reshardable loader, that
+    many batches' worth of samples drawn once by ``seed`` (:attr:`held`, batched as the loader
+    batches); for any other data, its first ``holdout`` batches. :attr:`held` is the same, whole,
+    on every process.
+    """
+
+    def __init__(self, data: Iterable[Any], *, world: int, rank: int, seed: int, holdout: int = 0) -> None:
         if isinstance(data, Iterator):
             raise TypeError("data must be re-iterable (a DataLoader, a list of batches, ...), not an "
                             "iterator or generator that is used up after one pass")
-        self.data, self.world, self.rank, self.seed = data, world, rank, seed
+        self.data, self.world, self.rank, self.seed, self.holdout = data, world, rank, seed, holdout
         self.loader = data if self._reshardable(data) else None
+        self.held: list[Any] = []
         if self.loader is not None:
             self.batch = self.loader.batch_size
             if self.batch % world:
                 raise ValueError(f"batch_size={self.batch} (the global batch) must be divisible "
                                  f"by the {world} processes")
-            self.sizes = global_batch_sizes(len(self.loader.dataset), self.batch,
-                                            drop_last=self.loader.drop_last, world=world)
+            self.indices = self._split_samples()
+            self.sizes = global_batch_sizes(len(self.indices), self.batch, drop_last=self.loader.drop_last,
+                                            world=world)
+        elif holdout:
+            self.held = [batch for _, batch in zip(range(holdout), data)]
+
+    def _split_samples(self) -> list[int]:
+        """The training sample indices; the held-out ones, drawn once by the seed, go to :attr:`held`."""
+        n, k = len(self.loader.dataset), self.holdout * self.batch
+        if k >= n:
+            raise ValueError(f"holdout={self.holdout} batches of {self.batch} leave none of the {n} samples to train on")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(2**31 + self.seed)).tolist()  # not an epoch order
+        if k:
+            src = self.loader
+            held = Subset(src.dataset, sorted(order[:k]))
+            self.held = list(DataLoader(held, batch_size=self.batch, collate_fn=src.collate_fn))
+        return sorted(order[k:]) if k else list(range(n))
 
     @staticmethod
     def _reshardable(data: Any) -> bool:
@@ -90,17 +112,17 @@ class EpochData:
     def __len__(self) -> int:
         if self.loader is not None:
             return len(self.sizes)
-        return len(self.data)  # TypeError when the data has no length
+        return len(self.data) - self.holdout  # TypeError when the data has no length
 
     def describe(self) -> dict[str, Any]:
         """What must not change between a run and its resumption."""
         if self.loader is not None:
-            return {"samples": len(self.loader.dataset), "batch_size": self.batch,
+            return {"samples": len(self.loader.dataset), "batch_size": self.batch, "held_out": self.holdout,
                     "shuffle": isinstance(self.loader.sampler, RandomSampler)}
         try:
-            return {"batches": len(self.data)}
+            return {"batches": len(self.data), "held_out": self.holdout}
         except TypeError:
-            return {}
+            return {"held_out": self.holdout}
 
     def fingerprint(self) -> str:
         """A digest of the data cheap to take and sound to compare: the number of samples and the
@@ -119,7 +141,7 @@ class EpochData:
         # Any other iterable: read up to the start position (the caller restores the global RNG
         # first, so a sampler drawing from it replays the same order), split each batch.
         for j, batch in enumerate(self.data):
-            if j < start:
+            if j < self.holdout + start:  # held out, or before the start position
                 continue
             size = batch_size(split_labels(batch)[0])
             if size < self.world:
@@ -128,7 +150,7 @@ class EpochData:
 
     def _loader_epoch(self, epoch: int, start: int) -> Iterator[tuple[Any, int]]:
         src = self.loader
-        sampler = _EpochBatchSampler(len(src.dataset), self.batch, world=self.world,
+        sampler = _EpochBatchSampler(self.indices, self.batch, world=self.world,
                                      rank=self.rank, shuffle=isinstance(src.sampler, RandomSampler),
                                      drop_last=src.drop_last, seed=self.seed, epoch=epoch, start=start)
         extra: dict[str, Any] = {}

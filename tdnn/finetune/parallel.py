@@ -20,6 +20,8 @@ class Replicas:
     """One process, or one ``DistributedDataParallel`` replica per process: the user's model is
     trained as it is (``module``), through ``net``."""
 
+    restores_locally = True  # weights can be put back by one process alone (after an error, say)
+
     def __init__(self, model: nn.Module, group: Group, device: torch.device) -> None:
         self.model = self.module = model.to(device)
         self.load_device = device  # where a checkpoint is read to
@@ -58,6 +60,8 @@ class Shards(Replicas):
     the root sharded, then filled from the model; the user's model is left a plain module and gets
     the trained weights back at the end (:meth:`finish`). Ties between parameters are kept.
     """
+
+    restores_locally = False  # loading weights is a collective: every process must take part
 
     def __init__(self, model: nn.Module, group: Group, device: torch.device) -> None:
         from torch.distributed.device_mesh import init_device_mesh

@@ -55,7 +55,8 @@ class FinetuneSettings:
     checkpoint_every: int | None = None
     seed: int = 0
     amp: bool | None = None
-    keep_best: str | None = None
+    keep_best: str | None = "auto"
+    holdout: int | None = None
     freeze_batchnorm: bool | None = None
     trainable: str = "all"
     parallel: str = "ddp"
@@ -69,8 +70,11 @@ class FinetuneSettings:
         _set(self, "seed", count("seed", self.seed, zero=True))
         if self.lr is not None:
             _set(self, "lr", number("lr", self.lr, low=0, open_low=True))
-        if self.keep_best not in (None, "max", "min"):
-            raise ValueError(f"keep_best={self.keep_best!r}: choose 'max' (e.g. accuracy), 'min' (e.g. a loss) or None")
+        if self.keep_best not in (None, "auto", "max", "min"):
+            raise ValueError(f"keep_best={self.keep_best!r}: choose 'auto' (by the loss on held-out batches), 'max' "
+                             f"or 'min' (by eval_fn: an accuracy, a loss) or None (the last weights)")
+        if self.holdout is not None:
+            _set(self, "holdout", count("holdout", self.holdout, zero=True))
         if self.trainable not in TRAINABLE:
             raise ValueError(f"trainable={self.trainable!r}: choose one of {', '.join(TRAINABLE)}")
         if self.parallel not in PARALLEL:
@@ -102,6 +106,19 @@ class FinetuneSettings:
         BatchNorm statistics."""
         return replace(self, lr=self.lr if self.lr is not None else (1e-3 if teacher else 1e-2),
                        freeze_batchnorm=teacher if self.freeze_batchnorm is None else self.freeze_batchnorm)
+
+    def held_out_batches(self, data: Any) -> int:
+        """How many batches of ``data`` to hold out: ``holdout`` if given; else, for ``keep_best="auto"``,
+        one per 8 batches (1 to 4; none below 4 batches; 2 for data without a length)."""
+        if self.holdout is not None:
+            return self.holdout
+        if self.keep_best != "auto":
+            return 0
+        try:
+            n = len(data)
+        except TypeError:
+            return 2
+        return 0 if n < 4 else min(4, max(1, n // 8))
 
     def describe(self) -> dict[str, Any]:
         """A comparable record of the settings (callables by qualified name), kept in checkpoints."""

@@ -112,28 +112,54 @@ class TrainStep:
         self.scaler.load_state_dict(state["scaler"])
 
     def loss(self, inputs: Any, labels: Any) -> torch.Tensor:
-        a, s = self.alpha_labelled if labels is not None else self.alpha_unlabelled, self.settings
+        a = self.alpha_labelled if labels is not None else self.alpha_unlabelled
         if labels is None and a < 1.0:
             raise ValueError("a batch has no labels: give a teacher for label-free distillation, "
                              "or data of (inputs, labels)")
-        own_loss = labels is not None and s.loss_fn is None and isinstance(inputs, Mapping) and self.model_takes_labels
-        output = call(self.net, {**inputs, "labels": labels} if own_loss else inputs)
+        output, label_loss = self._forward(self.net, inputs, labels if a < 1.0 else None)
         loss = torch.zeros((), device=self.device)
         if a < 1.0:
-            if own_loss:
-                label_loss = output.loss
-            elif s.loss_fn is not None:
-                label_loss = s.loss_fn(output, labels)
-            else:
-                label_loss = F.cross_entropy(logits_of(output).float(), labels)
             loss = loss + (1.0 - a) * label_loss
         if a > 0.0:
-            with torch.no_grad():
-                target = logits_of(call(self.teacher, inputs))
-            mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
-            mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == target.dim() - 1 else None
-            loss = loss + a * distillation_loss(logits_of(output), target, temperature=s.temperature, mask=mask)
+            loss = loss + a * self._distillation(output, inputs, self.settings.temperature)
         return loss
+
+    def _forward(self, net: nn.Module, inputs: Any, labels: Any) -> tuple[Any, torch.Tensor | None]:
+        """``net``'s output on ``inputs`` and, with ``labels``, the label loss: the model's own
+        (a Hugging Face model given ``labels``), ``loss_fn`` or the cross-entropy."""
+        own = labels is not None and self.settings.loss_fn is None and isinstance(inputs, Mapping) \
+            and self.model_takes_labels
+        output = call(net, {**inputs, "labels": labels} if own else inputs)
+        if labels is None:
+            return output, None
+        if own:
+            return output, output.loss
+        if self.settings.loss_fn is not None:
+            return output, self.settings.loss_fn(output, labels)
+        return output, F.cross_entropy(logits_of(output).float(), labels)
+
+    def _distillation(self, output: Any, inputs: Any, temperature: float) -> torch.Tensor:
+        """The distillation loss of ``output`` against the teacher on ``inputs`` (padding left out)."""
+        with torch.no_grad():
+            target = logits_of(call(self.teacher, inputs))
+        mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+        mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == target.dim() - 1 else None
+        return distillation_loss(logits_of(output), target, temperature=temperature, mask=mask)
+
+    @torch.no_grad()
+    def held_out(self, net: nn.Module, batch: Any) -> tuple[float, int]:
+        """What a held-out batch says of ``net``, as ``(sum, count)``: with a teacher the KL to it at
+        T=1 summed over samples, else the label loss summed over samples."""
+        inputs, labels = split_labels(batch)
+        inputs = map_tensors(inputs, lambda t: t.to(self.device))
+        labels = map_tensors(labels, lambda t: t.to(self.device))
+        n = batch_size(inputs)
+        if self.teacher is not None:
+            output, _ = self._forward(net, inputs, None)
+            return float(self._distillation(output, inputs, 1.0)) * n, n
+        if labels is None:
+            raise ValueError("a held-out batch has no labels: give a teacher, or data of (inputs, labels)")
+        return float(self._forward(net, inputs, labels)[1]) * n, n
 
     def __call__(self, batch: Any, global_n: int) -> float:
         """Train on this process's share of a global batch of ``global_n`` samples; the loss value."""
@@ -142,6 +168,9 @@ class TrainStep:
         labels = map_tensors(labels, lambda t: t.to(self.device, non_blocking=True))
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
             loss = self.loss(inputs, labels)
+        value = loss.item()
+        if not math.isfinite(value) and not self.amp:  # before any step: the weights stay finite
+            raise FloatingPointError(f"loss is {value}; try a lower lr than {self.settings.lr} or max_grad_norm")
         # The mean over this process's share, rescaled so that DDP's average over processes is the
         # mean over the global batch even when the shares differ in size.
         scaled = loss * (batch_size(inputs) * self.world / global_n)
@@ -153,7 +182,4 @@ class TrainStep:
         self.scaler.step(self.opt)
         self.scaler.update()
         self.sched.step()
-        value = loss.item()
-        if not math.isfinite(value) and not self.amp:
-            raise FloatingPointError(f"loss is {value}; try a lower lr than {self.settings.lr} or max_grad_norm")
         return value

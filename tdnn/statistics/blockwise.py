@@ -38,6 +38,15 @@ class _Stop(BaseException):
     BaseException, so that no ``except Exception`` in the model's own code swallows it)."""
 
 
+class _Refused(BaseException):
+    """Carries a capture hook's error out of the model's forward, past whatever wraps the model's
+    own errors, to be raised as it is."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(error)
+        self.error = error
+
+
 def first_tensor(output: Any, name: str = "a block") -> torch.Tensor:
     """A block's hidden-state output: the tensor itself, or the first element of a tuple.
 
@@ -144,8 +153,8 @@ def capture(model: nn.Module, names: list[str], batches: list[Any], *,
             if i == 0:
                 inputs.append(x)
             elif x is not last.get(i - 1):
-                raise ValueError(f"blocks: {names[i]} is not called on the output of {names[i - 1]}; name "
-                                 f"blocks that feed each other (blocks=[...]), or blocks=[] for one pass")
+                raise _Refused(ValueError(f"blocks: {names[i]} is not called on the output of {names[i - 1]}; name "
+                                          f"blocks that feed each other (blocks=[...]), or blocks=[] for one pass"))
             rest = args[:slot] + args[slot + 1:] if isinstance(slot, int) else args
             kept = {k: (None if k in _NO_CACHE else v) for k, v in kwargs.items() if k != slot}
             segments[i].slot = slot
@@ -154,7 +163,10 @@ def capture(model: nn.Module, names: list[str], batches: list[Any], *,
 
     def post(i: int) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            last[i] = first_tensor(output, names[i])
+            try:
+                last[i] = first_tensor(output, names[i])
+            except TypeError as err:
+                raise _Refused(err) from None
             if i == len(blocks) - 1 and not glue and not whole[0]:
                 raise _Stop  # the rest of the model (an LM head: large logits) is not needed
         return hook
@@ -166,6 +178,8 @@ def capture(model: nn.Module, names: list[str], batches: list[Any], *,
             run(model, batch, b)
         except _Stop:
             pass
+        except _Refused as refused:
+            raise refused.error from None
         for i, segment in enumerate(segments):
             if len(segment.calls) != b + 1:
                 raise ValueError(f"blocks: {names[i]} ran {len(segment.calls) - b} times on calibration batch {b}; "

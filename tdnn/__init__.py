@@ -31,10 +31,11 @@ from tdnn.layers import (
 from tdnn.planning.plan import LayerPlan, Plan
 from tdnn.planning.ranks import VBMF, Energy, LayerSpec
 from tdnn.statistics.calibration import Calibration
+from tdnn.statistics.refine import Refine
 from tdnn.version import __version__
 
 __all__ = [
-    "compress_model", "CompressSettings", "Calibration", "Budget", "Energy", "VBMF", "LayerSpec",
+    "compress_model", "CompressSettings", "Calibration", "Budget", "Refine", "Energy", "VBMF", "LayerSpec",
     "finetune", "FinetuneResult", "FinetuneSettings", "load_config", "Config",
     "report", "Report", "LayerRecord", "Plan", "LayerPlan",
     "save", "load", "apply_plan", "merge", "optimize_for_inference", "InferenceForm",

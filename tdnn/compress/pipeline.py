@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -22,6 +22,7 @@ from tdnn.planning.plan import PLAN_ATTR, LayerJob, Plan
 from tdnn.planning.ranks import Energy
 from tdnn.statistics.blockwise import Runs
 from tdnn.statistics.calibration import Calibration
+from tdnn.statistics.refine import BlockRefinement, Refine
 from tdnn.statistics.moments import InputStats
 
 
@@ -89,9 +90,10 @@ class _Factorizer:
 
 
 def _data_aware(model: nn.Module, jobs: list[LayerJob], calibration: Calibration, swap: Swapper,
-                settings: CompressSettings, runs: Runs) -> None:
+                settings: CompressSettings, runs: Runs) -> list[BlockRefinement]:
     """With calibration data, block by block (:mod:`tdnn.statistics.blockwise`): a survey of the
-    whitened spectra where ranks depend on them (budget, energy), the ranks, then the factors."""
+    whitened spectra where ranks depend on them (budget, energy), the ranks, then the factors (and
+    each block refined, if asked: what refining did)."""
     budget, multiple = settings.budget, settings.rank_multiple
     if budget is not None or any(isinstance(j.rank_spec, Energy) for j in jobs):
         by_name = {j.name: j for j in jobs}
@@ -108,7 +110,8 @@ def _data_aware(model: nn.Module, jobs: list[LayerJob], calibration: Calibration
         for job in jobs:
             accept(job, own_rank(job, multiple))
     runs.only([j.name for j in jobs if j.cls is not None])
-    runs.compress(_Factorizer(swap, jobs, settings), sequential=settings.sequential)
+    return runs.compress(_Factorizer(swap, jobs, settings), sequential=settings.sequential,
+                         refine=Refine.of(settings.refine))
 
 
 def _copy(model: nn.Module, jobs: list[LayerJob]) -> nn.Module:
@@ -183,6 +186,12 @@ def compress_model(model: nn.Module, ranks: Any = None, *, settings: CompressSet
         rank_multiple: ranks that ratios and budgets choose are multiples of this (or below it, or
             full), e.g. 8 for the channel blocks of CPU SIMD units and GPU tensor cores; ranks you
             give as ints, Energy or VBMF are kept as they are.
+        refine: after each block's layers are factorized, train the block's factors with Adam on
+            its cached inputs to reproduce the dense block's outputs (:class:`tdnn.Refine`:
+            ``True`` for the defaults, an int for the steps per block); a held-out quarter of the
+            calibration samples is never trained on, and each block keeps its weights with the
+            lowest error there, its closed-form start included. The plan records each block's
+            held-out error before and after (``tdnn_plan.blocks``).
         progress: show progress bars.
         **options: the other fields of :class:`tdnn.CompressSettings`, as above.
 
@@ -218,7 +227,7 @@ def compress_model(model: nn.Module, ranks: Any = None, *, settings: CompressSet
         raise ValueError(f"{settings.budget}: no layer is left to allocate ranks to ({why_none(jobs)})")
     if calibration is not None and not isinstance(calibration, Calibration):
         calibration = Calibration(calibration, keep=False)
-    swap = Swapper(model, park=inplace)
+    swap, refined = Swapper(model, park=inplace), []
     try:
         if calibration is None or not chosen:
             _plain(model, chosen, settings, swap, progress)
@@ -226,21 +235,24 @@ def compress_model(model: nn.Module, ranks: Any = None, *, settings: CompressSet
             calibration.bind(model)
             runs = Runs(model, {j.name: (j.module, j.cls.geometry) for j in chosen}, calibration,
                         blocks=settings.blocks, reference=None if inplace else original, progress=progress)
-            _data_aware(model, chosen, calibration, swap, settings, runs)
+            refined = _data_aware(model, chosen, calibration, swap, settings, runs)
     except BaseException:
         if inplace:  # leave the user's model as it was
             swap.undo()
         raise
     finally:
         swap.close()
-    return _planned(swap.model, jobs, settings)
+    return _planned(swap.model, jobs, settings, refined)
 
 
-def _planned(model: nn.Module, jobs: list[LayerJob], settings: CompressSettings) -> nn.Module:
-    """``model`` with its :class:`tdnn.Plan`: this call's entries and settings after any earlier call's."""
-    plan = Plan([j.entry for j in jobs], [settings.to_dict()])
+def _planned(model: nn.Module, jobs: list[LayerJob], settings: CompressSettings,
+             refined: list[BlockRefinement]) -> nn.Module:
+    """``model`` with its :class:`tdnn.Plan`: this call's entries, settings and refined blocks after
+    any earlier call's."""
+    plan = Plan([j.entry for j in jobs], [settings.to_dict()], [asdict(r) for r in refined])
     previous = getattr(model, PLAN_ATTR, None)
     if isinstance(previous, Plan):  # compressing twice: keep what earlier calls factorized
-        plan = Plan(previous.factorized() + plan.layers, previous.settings + plan.settings)
+        plan = Plan(previous.factorized() + plan.layers, previous.settings + plan.settings,
+                    previous.blocks + plan.blocks)
     setattr(model, PLAN_ATTR, plan)
     return model

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from torch import nn
@@ -16,6 +16,7 @@ from tdnn.core.timing import LatencyTimer
 from tdnn.layers.registry import check_method
 from tdnn.planning.cost import Measure
 from tdnn.planning.ranks import VBMF, Energy, LayerSpec, RankRule
+from tdnn.statistics.refine import Refine
 
 FilterFn = Callable[[nn.Module, str], bool]
 VERSION = 1  # of the dict form (to_dict / from_dict)
@@ -67,6 +68,7 @@ class CompressSettings:
     damping: float = 0.01
     latency_aware: bool | LatencyTimer = False
     rank_multiple: int = 1
+    refine: bool | int | Refine = False
 
     def __post_init__(self) -> None:
         check_method(self.method)
@@ -86,6 +88,7 @@ class CompressSettings:
             raise TypeError(f"latency_aware must be True, False or a callable (dense, factorized, x) -> ratio, "
                             f"got {self.latency_aware!r}")
         object.__setattr__(self, "rank_multiple", count("rank_multiple", self.rank_multiple))
+        Refine.of(self.refine)  # checks it
 
     def data_needed(self) -> str | None:
         """Why these settings need calibration data, or ``None`` if they do not."""
@@ -95,6 +98,8 @@ class CompressSettings:
             return f"Budget({self.budget.measure}=...) needs calibration data: it depends on the input size"
         if self.latency_aware is not False:
             return "latency_aware needs calibration data: its first batch sets each layer's input size"
+        if Refine.of(self.refine) is not None:
+            return "refine needs calibration data: blocks are refined on their cached inputs"
         return None
 
     def to_dict(self) -> dict[str, Any]:
@@ -102,6 +107,8 @@ class CompressSettings:
         recorded by its qualified name (``{"callable": "module.name"}``), not restorable."""
         out = {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
         out["budget"] = None if self.budget is None else self.budget.to_dict()
+        refine = Refine.of(self.refine)
+        out["refine"] = False if refine is None else asdict(refine)
         return {"version": VERSION, **out}
 
     @classmethod
@@ -123,6 +130,8 @@ class CompressSettings:
                 raise ValueError(f"settings: {key} was the callable {value['callable']}; pass it again")
         if isinstance(data.get("budget"), Mapping):
             data["budget"] = Budget(**data["budget"])
+        if isinstance(data.get("refine"), Mapping):
+            data["refine"] = Refine(**data["refine"])
         return cls(**data)
 
 

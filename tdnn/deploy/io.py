@@ -52,7 +52,9 @@ def current_plan(model: nn.Module) -> Plan:
         else:
             agrees = old is not None and not old.factorized and old.reason
             layers.append(old if agrees else LayerPlan(name, _kind(module), reason="not compressed"))
-    return Plan(layers, list(previous.settings) if isinstance(previous, Plan) else [])
+    if not isinstance(previous, Plan):
+        return Plan(layers)
+    return Plan(layers, list(previous.settings), list(previous.blocks))
 
 
 def _jsonable(value: Any) -> Any:

@@ -61,11 +61,14 @@ class LayerJob:
 
 @dataclass
 class Plan:
-    """Per-layer decisions of :func:`tdnn.compress_model`, in walk order, and the settings of each
-    call that made them (:meth:`tdnn.CompressSettings.to_dict`, oldest first)."""
+    """Per-layer decisions of :func:`tdnn.compress_model`, in walk order, the settings of each call
+    that made them (:meth:`tdnn.CompressSettings.to_dict`, oldest first) and what each refined
+    block's held-out output error was before and after refinement (``block``, ``before``,
+    ``after``, ``best_step``, ``steps``)."""
 
     layers: list[LayerPlan] = field(default_factory=list)
     settings: list[dict[str, Any]] = field(default_factory=list)
+    blocks: list[dict[str, Any]] = field(default_factory=list)
 
     def __getitem__(self, name: str) -> LayerPlan:
         for layer in self.layers:
@@ -77,7 +80,8 @@ class Plan:
         return [layer for layer in self.layers if layer.factorized]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"layers": [asdict(layer) for layer in self.layers], "settings": list(self.settings)}
+        return {"layers": [asdict(layer) for layer in self.layers], "settings": list(self.settings),
+                "blocks": list(self.blocks)}
 
     @classmethod
     def from_dict(cls, data: Any) -> Plan:
@@ -90,11 +94,12 @@ class Plan:
             raise ValueError("'plan': a plan is a mapping with a 'layers' list")
         if not isinstance(data["layers"], list):
             raise ValueError(f"'plan.layers' must be a list, got {type(data['layers']).__name__}")
-        settings = data.get("settings", [])
-        if not isinstance(settings, list) or not all(
-                isinstance(s, dict) and all(isinstance(k, str) for k in s) for s in settings):
-            raise ValueError("'plan.settings' must be a list of mappings (one per compress_model call)")
-        return cls([_entry(entry, f"plan.layers[{i}]") for i, entry in enumerate(data["layers"])], settings)
+        settings, blocks = data.get("settings", []), data.get("blocks", [])
+        for key, value in (("settings", settings), ("blocks", blocks)):
+            if not isinstance(value, list) or not all(isinstance(s, dict) and all(isinstance(k, str) for k in s)
+                                                      for s in value):
+                raise ValueError(f"'plan.{key}' must be a list of mappings")
+        return cls([_entry(entry, f"plan.layers[{i}]") for i, entry in enumerate(data["layers"])], settings, blocks)
 
 
 def _is_int(value: Any) -> bool:

@@ -27,7 +27,8 @@ from tdnn.layers.registry import Geometry
 from tdnn.statistics.calibration import Calibration
 from tdnn.statistics.hooks import collect, collect_pairs, run
 from tdnn.statistics.moments import InputStats
-from tdnn.statistics.sensitivity import fisher_weights
+from tdnn.statistics.refine import BlockRefinement, Refine, refine_block
+from tdnn.statistics.sensitivity import fisher_weights, output_of
 
 Hidden = Any  # what flows from block to block: a tensor (or, for the whole model, the batch)
 _NO_CACHE = ("past_key_value", "past_key_values", "layer_past")  # kwargs a replay must not update
@@ -100,11 +101,14 @@ class Segment:
     calls: list[tuple[tuple, dict]] = field(default_factory=list)
     slot: int | str | None = None  # None: the whole model, called on the batch itself
 
-    def run(self, module: nn.Module, i: int, x: Hidden) -> Hidden:
-        """``module`` (the block, or a copy of it) on batch ``i`` with hidden state ``x``."""
+    def run(self, module: nn.Module, i: int, x: Hidden, cut: Callable[[Any], Any] | None = None) -> Hidden:
+        """``module`` (the block, or a copy of it) on batch ``i`` with hidden state ``x``; with ``cut``,
+        on some rows of the batch: ``x`` holds them, and ``cut`` cuts the batch's other arguments alike."""
         if self.slot is None:
             return run(module, x, i)
         args, kwargs = self.calls[i]
+        if cut is not None:
+            args, kwargs = cut(args), cut(kwargs)
         if isinstance(self.slot, int):
             return first_tensor(module(*args[:self.slot], x, *args[self.slot:], **kwargs), self.name)
         return first_tensor(module(*args, **{**kwargs, self.slot: x}), self.name)
@@ -252,16 +256,28 @@ class Replacer(Protocol):
 T = TypeVar("T")
 
 
+RETAIN_BYTES = 1 << 28  # what a survey may keep of its statistics for the same call's factorizing pass
+
+
 @dataclass
 class _Survey(Generic[T]):
-    """A :class:`Replacer` that measures each layer's statistics and swaps nothing."""
+    """A :class:`Replacer` that measures each layer's statistics and swaps nothing; it keeps the
+    statistics (their square roots, once measured) while they fit in :data:`RETAIN_BYTES`."""
 
     model: nn.Module
     measure: Callable[[str, InputStats], T]
     results: dict[str, T] = field(default_factory=dict)
+    kept: dict[str, InputStats] | None = field(default_factory=dict)
+    kept_bytes: int = 0
 
     def replace(self, name: str, stats: InputStats) -> None:
         self.results[name] = self.measure(name, stats)
+        if self.kept is not None:
+            self.kept_bytes += sum(r.chol.numel() * r.chol.element_size() for r in stats.roots.values()
+                                   if r.chol is not None and stats.same_as is None)
+            self.kept[name] = stats
+            if self.kept_bytes > RETAIN_BYTES:
+                self.kept = None  # too large to keep them all: the factorizing pass collects them again
 
 
 def _within(block: str, name: str) -> str:
@@ -280,19 +296,34 @@ class BlockCompressor:
     stream); a copy of one block is the reference.
     """
 
-    def __init__(self, runs: Runs, replacer: Replacer, *, sequential: bool) -> None:
-        self.runs, self.replacer, self.sequential = runs, replacer, sequential
+    def __init__(self, runs: Runs, replacer: Replacer, *, sequential: bool, refine: Refine | None = None) -> None:
+        self.runs, self.replacer, self.sequential, self.refine = runs, replacer, sequential, refine
         self.chain = runs.chain()
+        self.refined: list[BlockRefinement] = []
 
     def run(self) -> None:
         current = reference = self.chain.inputs
         for segment in tqdm(self.chain.segments, desc="blocks", disable=not self.runs.progress, leave=False):
             layers = [n for n in self.runs.inside.get(segment.name, []) if n in self.runs.selected]
             if self.sequential:
-                current, reference = self._sequential(segment, layers, current, reference)
-            else:
-                current = self._one_shot(segment, layers, current)
+                outputs, targets = self._sequential(segment, layers, current, reference)
+            else:  # statistics and targets from the dense stream; the compressed one only if refined
+                targets = self._one_shot(segment, layers, reference)
+                outputs = targets if self.refine is None else None
+            if self.refine is not None:
+                outputs = self._refined(segment, current, targets)
+            current, reference = outputs, targets
             _trim()
+
+    def _refined(self, segment: Segment, xs: list[Hidden], targets: list[Hidden]) -> list[Hidden]:
+        """Refine the block (:mod:`tdnn.statistics.refine`); its outputs on ``xs``, refined or not."""
+        block = self._block(segment.name)
+        record = refine_block(segment.name or "<model>", segment, block, xs, [output_of(t)[0] for t in targets],
+                              self.chain.masks, self.refine)
+        if record is not None:
+            self.refined.append(record)
+        with torch.no_grad(), temporary.modes({block: False}):
+            return [segment.run(block, i, x) for i, x in enumerate(xs)]
 
     @property
     def model(self) -> nn.Module:
@@ -354,6 +385,7 @@ class Runs:
         self.selected = list(layers)
         self._chain: Chain | None = None
         self._glue_stats: dict[str, InputStats] = {}
+        self._surveyed: dict[str, InputStats] | None = None  # kept by the last survey
 
     def only(self, names: list[str]) -> None:
         """Calibrate and factorize only these layers from now on."""
@@ -379,32 +411,45 @@ class Runs:
         return {n: kept[n] for n in layers}
 
     def survey(self, measure: Callable[[str, InputStats], T]) -> dict[str, T]:
-        """``measure(name, stats)`` of every selected layer on the dense model (one-shot statistics)."""
+        """``measure(name, stats)`` of every selected layer on the dense model (one-shot statistics).
+        Statistics small enough to keep serve a later one-shot :meth:`compress` of this call: the
+        one-shot statistics of a layer are the same before and after other layers are replaced."""
         survey = _Survey(self.model, measure)
         self.compress(survey, sequential=False)
+        self._surveyed = survey.kept
         return survey.results
 
-    def compress(self, replacer: Replacer, *, sequential: bool) -> None:
-        """``replacer.replace(name, stats)`` for every selected layer, block by block."""
-        if not self.calibration.keep or sequential:
-            self._passes(replacer, sequential)
-            return
+    def compress(self, replacer: Replacer, *, sequential: bool, refine: Refine | None = None) -> list[BlockRefinement]:
+        """``replacer.replace(name, stats)`` for every selected layer, block by block; with ``refine``,
+        each block refined once its layers are; what each refinement did."""
+        surveyed, self._surveyed = self._surveyed, None
+        if refine is not None or sequential:  # statistics behind compressed blocks: passes of their own
+            return self._passes(replacer, sequential, refine)
+        if surveyed is not None and all(n in surveyed for n in self.selected):
+            for name in self.selected:
+                replacer.replace(name, surveyed[name])
+            return []
+        if not self.calibration.keep:
+            return self._passes(replacer, sequential, None)
         kept = self.calibration.stats
         if any(self.layers[n][1] not in kept.get(n, {}) for n in self.selected):
             keep, self.selected = self.selected, list(self.layers)  # every layer: later calls find theirs
-            self._passes(_Survey(self.model, self._keep), False)
+            self._passes(_Survey(self.model, self._keep), False, None)
             self.selected = keep
         for name in self.selected:
             replacer.replace(name, kept[name][self.layers[name][1]])
+        return []
 
     def _keep(self, name: str, stats: InputStats) -> None:
         stats.keep = True  # the covariance outlives its square root: another call reads it again
         self.calibration.stats.setdefault(name, {})[self.layers[name][1]] = stats
 
-    def _passes(self, replacer: Replacer, sequential: bool) -> None:
-        BlockCompressor(self, replacer, sequential=sequential).run()
+    def _passes(self, replacer: Replacer, sequential: bool, refine: Refine | None) -> list[BlockRefinement]:
+        compressor = BlockCompressor(self, replacer, sequential=sequential, refine=refine)
+        compressor.run()
         for name in [n for n in self.glue if n in self.selected]:
             replacer.replace(name, self._glue_stats[name])
+        return compressor.refined
 
 
 def _trim() -> None:

@@ -57,7 +57,8 @@ def _probe(z: torch.Tensor, logits: bool, mask: torch.Tensor | None, generator: 
 
 def fisher_weights(model: nn.Module, batches: Sequence[Any], layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     """The Fisher weight ``w`` (see the module docstring) of each of ``layers`` on ``batches``: one
-    forward and one backward of ``model`` per batch (in eval mode; parameters get no gradients).
+    forward and one backward of ``model`` per chunk of samples (as many as keep the chunk's output
+    within :data:`OUTPUT_ELEMENTS`; in eval mode; parameters get no gradients).
 
     Raises:
         ValueError: if no layer's output reaches the model's output.
@@ -95,13 +96,15 @@ def fisher_weights(model: nn.Module, batches: Sequence[Any], layers: dict[str, n
 def _accumulate(model: nn.Module, batches: Sequence[Any], outputs: list[tuple[str, torch.Tensor]],
                 total: dict[str, torch.Tensor | None], generator: torch.Generator, handles: list[Any],
                 layers: dict[str, nn.Module]) -> None:
-    """Σ g² per layer over ``batches``: one forward and one backward each."""
+    """Σ g² per layer over ``batches``: one forward and one backward per chunk of samples."""
+    chunk = [1]  # samples per forward: one, until the first output says how large a sample's is
     with temporary.hooks(handles), temporary.modes({model: False}), torch.enable_grad():
-        for i, batch in _samples(batches):
+        for i, batch in _chunks(batches, chunk):
             outputs.clear()
             z, logits = output_of(run(model, batch, i))
             if not z.requires_grad:
                 raise ValueError("no layer to compress reaches the model's output")
+            chunk[0] = max(1, OUTPUT_ELEMENTS // max(1, z.numel() // max(1, batch_size(batch))))
             eps = _probe(z, logits, batch_mask(batch), generator).to(z.device)
             grads = torch.autograd.grad(z, [y for _, y in outputs], grad_outputs=eps.to(z.dtype),
                                         allow_unused=True)
@@ -112,13 +115,19 @@ def _accumulate(model: nn.Module, batches: Sequence[Any], outputs: list[tuple[st
                     total[name] = term if total[name] is None else total[name] + term
 
 
-def _samples(batches: Sequence[Any]) -> Iterator[tuple[int, Any]]:
-    """Each batch one sample at a time (``(index, sample)``): the sums are the same, and the graph a
-    backward pass keeps is one sample's, not a batch's (a whole batch's logits and activations)."""
+OUTPUT_ELEMENTS = 1 << 24  # model outputs per backward pass: a chunk's logits stay within 64 MiB
+
+
+def _chunks(batches: Sequence[Any], size: list[int]) -> Iterator[tuple[int, Any]]:
+    """Each batch in chunks of ``size[0]`` samples (read anew for every chunk) as ``(index, chunk)``:
+    the sums are the same as a batch's, and the graph a backward pass keeps is a chunk's (a whole
+    batch of an LLM's logits would not fit)."""
     for i, batch in enumerate(batches):
-        n = batch_size(batch)
-        for j in range(n):
-            yield i, map_tensors(batch, lambda t: t[j:j + 1] if t.dim() and t.shape[0] == n else t)
+        n, j = batch_size(batch), 0
+        while j < n:
+            k = min(n, j + size[0])
+            yield i, map_tensors(batch, lambda t: t[j:k] if t.dim() and t.shape[0] == n else t)
+            j = k
 
 
 def _out_channels(layer: nn.Module) -> int:

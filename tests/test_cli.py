@@ -9,39 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock
 
 import tdnn
 from tdnn.cli import main
+from models import DIGITS_CONFIG, small_resnet
 
-ROOT = Path(__file__).resolve().parent.parent
-DIGITS_CONFIG = str(ROOT / "configs" / "resnet18_digits.yaml")
-MODEL = "test_cli:small_resnet"  # pytest puts tests/ on sys.path
-
-
-class SmallResNet(nn.Module):
-    """A narrow two-stage ResNet with torchvision's layer names (conv1, layer1.0.conv1, ..., fc)."""
-
-    def __init__(self, num_classes=10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        self.relu = nn.ReLU(inplace=True)
-        down = nn.Sequential(nn.Conv2d(16, 32, 1, stride=2, bias=False), nn.BatchNorm2d(32))
-        self.layer1 = nn.Sequential(BasicBlock(16, 16))
-        self.layer2 = nn.Sequential(BasicBlock(16, 32, stride=2, downsample=down))
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(32, num_classes)
-
-    def forward(self, x):
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layer2(self.layer1(x))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
-def small_resnet():
-    torch.manual_seed(0)
-    return SmallResNet()
+MODEL = "models:small_resnet"  # pytest puts tests/ on sys.path
 
 
 def test_compress_report_finetune(tmp_path, capsys):

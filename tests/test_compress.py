@@ -10,37 +10,9 @@ import torchvision
 from torch import nn
 
 import tdnn
+from models import TinyTransformer
 
 torch.manual_seed(0)
-
-
-class Block(nn.Module):
-    """A transformer-style block: attention (with MHA's never-called out_proj) and an MLP."""
-
-    def __init__(self, dim=64, hidden=256):
-        super().__init__()
-        self.attn = nn.MultiheadAttention(dim, 4, batch_first=True)
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
-
-    def forward(self, x):
-        h = self.norm1(x)
-        x = x + self.attn(h, h, h, need_weights=False)[0]
-        return x + self.mlp(self.norm2(x))
-
-
-class TinyTransformer(nn.Module):
-    def __init__(self, vocab=100, dim=64, depth=2):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, dim)
-        self.blocks = nn.ModuleList(Block(dim) for _ in range(depth))
-        self.heads = nn.ModuleDict({"cls": nn.Linear(dim, 10), "lm": nn.Linear(dim, vocab)})
-
-    def forward(self, tokens):
-        x = self.embed(tokens)
-        for block in self.blocks:
-            x = block(x)
-        return self.heads["cls"](x.mean(1)), self.heads["lm"](x)
 
 
 def n_params(model):

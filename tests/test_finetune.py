@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import tdnn
 from tdnn.finetune import distillation_loss, global_batch_sizes
+import models
+from models import digits_mlp
 
 WORKER = Path(__file__).with_name("finetune_worker.py")
 _spec = importlib.util.spec_from_file_location("finetune_worker", WORKER)
@@ -26,17 +27,10 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 @pytest.fixture(scope="module")
 def digits():
-    x, y = load_digits(return_X_y=True)
-    x = torch.tensor(x, dtype=torch.float32) / 16.0
-    y = torch.tensor(y)
+    x, y = models.digits()
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     train, test = perm[:1300], perm[1300:]
     return x[train], y[train], x[test], y[test]
-
-
-def mlp(dropout=False):
-    extra = [nn.BatchNorm1d(128), nn.Dropout(0.2)] if dropout else []
-    return nn.Sequential(nn.Linear(64, 128), *extra, nn.ReLU(), nn.Linear(128, 10))
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +38,7 @@ def teacher(digits):
     """A dense MLP trained from labels with finetune itself."""
     x, y, _, _ = digits
     torch.manual_seed(0)
-    model = mlp()
+    model = digits_mlp()
     data = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)
     tdnn.finetune(model, data, epochs=8, lr=0.1, progress=False)
     return model.eval()
@@ -122,7 +116,7 @@ class CrashingDigits(Dataset):
 def run_resumable(digits, tmp_path, crash_after=None, max_steps=None):
     x, y, _, _ = digits
     torch.manual_seed(0)
-    teacher = mlp(dropout=True)
+    teacher = digits_mlp(dropout=True)
     student = tdnn.compress_model(teacher, ranks=0.3)
     data = DataLoader(CrashingDigits(x, y, crash_after), batch_size=64, shuffle=True)
     result = tdnn.finetune(student, data, teacher=teacher, epochs=3, max_steps=max_steps, lr=0.05,

@@ -12,17 +12,11 @@ import time
 import pytest
 import safetensors.torch
 import torch
-import torchvision
 from torch import nn
 
 import tdnn
 from tdnn.deploy import io
-from test_compress import TinyTransformer
-
-
-def resnet18():
-    torch.manual_seed(0)
-    return torchvision.models.resnet18(num_classes=10).eval()
+from models import TinyTransformer, resnet18
 
 
 def transformer():

@@ -1,5 +1,5 @@
-"""The tiny models and data that more than one test file uses (a builder used by one file only
-stays in that file). Import with ``from models import ...``: pytest puts tests/ on
+"""The tiny models, data and inspection helpers that more than one test file uses (a builder used by
+one file only stays in that file). Import with ``from models import ...``: pytest puts tests/ on
 sys.path, and so does running a script from tests/ (``finetune_worker.py`` under torchrun).
 
 Each builder seeds the global RNG where it did in the file it came from, so a model is the same
@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+import tdnn
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_CONFIG = str(ROOT / "configs" / "resnet18_digits.yaml")
@@ -56,7 +57,46 @@ def small_resnet():  # also the CLI's --model models:small_resnet
     return SmallResNet()
 
 
+def calib_net():
+    """A conv and a Linear head on 3×6×6 inputs."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+
+
 # -- MLPs ----------------------------------------------------------------------------------------
+
+def mlp16():
+    """16 -> 16 -> 4, unseeded."""
+    return nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def saved_mlp16(directory):
+    """``mlp16()`` compressed at ratio 0.5 and saved as ``directory/m.safetensors``; its path."""
+    path = directory / "m.safetensors"
+    tdnn.save(tdnn.compress_model(mlp16(), ranks=0.5), path)
+    return path
+
+
+def dead_units():
+    """16 -> 32 -> 8 with four ReLU units that never fire: a singular input covariance for the second layer."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    with torch.no_grad():
+        net[0].bias[:4] = -100.0
+    return net
+
+
+class Twice(nn.Module):
+    """One Linear layer (``shared``) called twice in a forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.shared, self.out = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.shared(torch.tanh(self.inp(x))))
+        return self.out(torch.tanh(self.shared(h)))  # the same layer twice
+
 
 def digits_mlp(dropout=False):
     """The digits classifier 64 -> 128 -> 10 (BatchNorm and dropout in between if asked), unseeded."""
@@ -145,3 +185,19 @@ def gpt2():
     config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64,
                                      bos_token_id=0, eos_token_id=1, pad_token_id=1)
     return transformers.GPT2LMHeadModel(config).eval()
+
+
+# -- before and after ----------------------------------------------------------------------------
+
+def snapshot(model):
+    """What a model is: its modules with their modes, its state and which parameters train."""
+    return ([(n, type(m), m.training) for n, m in model.named_modules()],
+            {k: v.clone() for k, v in model.state_dict().items()},
+            [(n, p.requires_grad) for n, p in model.named_parameters()])
+
+
+def unchanged(model, snap):
+    """Whether ``model`` is still what ``snapshot`` recorded."""
+    modules, state, grads = snapshot(model)
+    return (modules == snap[0] and grads == snap[2] and state.keys() == snap[1].keys()
+            and all(torch.equal(state[k], snap[1][k]) for k in state))

@@ -12,7 +12,7 @@ from torch import nn
 
 import tdnn
 from tdnn.cli import main
-from models import DIGITS_CONFIG, small_resnet
+from models import DIGITS_CONFIG, ROOT, saved_mlp16, small_resnet
 
 MODEL = "models:small_resnet"  # pytest puts tests/ on sys.path
 
@@ -80,3 +80,32 @@ def test_help_of_each_command(command, expected, capsys):
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert printed.startswith(f"usage: tdnn {command}") and expected in printed
+
+
+@pytest.fixture
+def saved(tmp_path):
+    return saved_mlp16(tmp_path)
+
+
+def test_cli_errors_for_a_missing_factory_and_a_bad_device(tmp_path, capsys, saved):
+    assert main(["compress", str(ROOT / "configs/resnet18_digits.yaml"), "--model", "collections:missing",
+                 "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "module collections has no 'missing'" in capsys.readouterr().err
+    for device in ("gpu7", "cuda:3"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["finetune", str(saved), "--model", "m:f", "--out", "o", "--device", device])
+        assert exit_info.value.code == 2
+        assert "--device" in capsys.readouterr().err
+
+
+def headless_classifier():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+
+def test_a_model_without_a_named_head_is_fine_when_its_class_count_matches():
+    from tdnn._vision import build_model
+
+    model = build_model(f"{__name__}:headless_classifier", num_classes=10)
+    assert isinstance(model[3], nn.Linear) and model[3].out_features == 10
+    with pytest.raises(ValueError, match=r"cannot find the classifier .* gives 10 classes, not 7"):
+        build_model(f"{__name__}:headless_classifier", num_classes=7)

@@ -1,9 +1,11 @@
-"""finetune: labels, distillation, exact resume (in process and after SIGKILL), torchrun DDP and FSDP2."""
+"""finetune: labels, distillation, exact resume (in process, after SIGKILL, with samplers drawing from
+the global RNG), torchrun DDP and FSDP2, checkpoints that are unwritable, damaged or not ours."""
 
 import importlib.util
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset, WeightedRandomSampler
 
 import tdnn
 from tdnn.finetune import distillation_loss, global_batch_sizes
@@ -282,3 +284,99 @@ def test_sharded_twins_keep_tensor_attributes_that_are_not_parameters():
     _aliases(model, twin)
     assert twin[0].original is twin[0].inv_freq and torch.equal(twin[0].table, model[0].table)
     assert twin[0].table is not model[0].table
+
+
+# -- exact resume with samplers that draw from the global RNG ----------------------------------
+
+class Crashing(TensorDataset):
+    def __init__(self, x, y, crash_at=None):
+        super().__init__(x, y)
+        self.crash_at, self.fetched = crash_at, 0
+
+    def __getitem__(self, i):
+        self.fetched += 1
+        if self.crash_at is not None and self.fetched >= self.crash_at:
+            raise Crash
+        return super().__getitem__(i)
+
+
+@pytest.mark.parametrize("sampler", ["weighted", "replacement"])
+def test_resume_is_exact_with_samplers_drawing_from_the_global_rng(sampler, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(300, 12, generator=g), torch.randint(0, 3, (300,), generator=g)
+
+    def run(directory, crash_at=None):
+        torch.manual_seed(0)
+        model = tdnn.compress_model(nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 3)), ranks=0.5)
+        data = Crashing(x, y, crash_at)
+        pick = (WeightedRandomSampler(torch.linspace(0.2, 1.0, 300), 300) if sampler == "weighted"
+                else RandomSampler(data, replacement=True))
+        loader = DataLoader(data, batch_size=20, sampler=pick)
+        result = tdnn.finetune(model, loader, epochs=3, lr=0.05, checkpoint_dir=directory, checkpoint_every=4,
+                               progress=False)
+        return model, result
+
+    full, _ = run(tmp_path / "full")
+    with pytest.raises(Crash):
+        run(tmp_path / "cut", crash_at=22 * 20 + 5)  # in epoch 2, after the checkpoint at step 20
+    resumed, result = run(tmp_path / "cut")
+    assert result.resumed_from == 20
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+# -- checkpoints: unwritable, damaged, not ours ------------------------------------------------
+
+def tiny_run(directory, **kwargs):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 3))
+    data = [(torch.randn(4, 6), torch.randint(0, 3, (4,))) for _ in range(3)]
+    return tdnn.finetune(model, data, checkpoint_dir=directory, progress=False, **kwargs)
+
+
+def test_an_unwritable_checkpoint_dir_fails_before_training(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    if os.access(locked, os.W_OK):  # root writes anywhere: take a directory no one can write into
+        locked = Path("/proc/self")
+        if not locked.is_dir():
+            pytest.skip("no unwritable directory to try")
+    steps = []
+    model = nn.Sequential(nn.Linear(6, 3))
+    model.register_forward_hook(lambda m, a, out: steps.append(1))
+    data = [(torch.randn(4, 6), torch.randint(0, 3, (4,))) for _ in range(3)]
+    with pytest.raises(ValueError, match=rf"checkpoint_dir {locked} is not writable"):
+        tdnn.finetune(model, data, epochs=50, checkpoint_dir=locked, progress=False)
+    assert steps == []  # refused before any training
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage", "step", "no_rng"])
+def test_a_damaged_checkpoint_is_refused_with_its_path(damage, tmp_path):
+    tiny_run(tmp_path, epochs=2)
+    path = tmp_path / "last.pt"
+    data = path.read_bytes()
+    if damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00\x01not a checkpoint" * 10)
+    else:
+        state = torch.load(path, weights_only=True)
+        if damage == "step":
+            state["step"] = 10 ** 9
+        else:
+            del state["rng"]
+        torch.save(state, path)
+    with pytest.raises(ValueError, match=rf"^{path}: .*(delete it|another checkpoint_dir)"):
+        tiny_run(tmp_path, epochs=2)
+
+
+def test_resume_false_never_overwrites_a_file_tdnn_did_not_write(tmp_path):
+    (tmp_path / "last.pt").write_text("my notes")
+    with pytest.raises(ValueError, match=r"is not a tdnn.finetune checkpoint; refusing to overwrite"):
+        tiny_run(tmp_path, resume=False)
+    assert (tmp_path / "last.pt").read_text() == "my notes"
+    tiny_run(tmp_path / "mine")
+    assert tiny_run(tmp_path / "mine", resume=False).resumed_from is None  # its own file: overwritten

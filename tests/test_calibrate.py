@@ -423,6 +423,7 @@ FUZZ_CALIB = settings(max_examples=120, deadline=None, derandomize=True,
                       suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
+@pytest.mark.slow
 @FUZZ_CALIB
 @given(calibration_data(), st.sampled_from([0.5, "energy:0.9"]), st.sampled_from(["auto", "svd", "cp"]),
        st.booleans())

@@ -474,6 +474,7 @@ def _input_shape(model, name, x):
     return shapes[0][1:]
 
 
+@pytest.mark.slow
 def test_fuzz_compress_model():
     """Run the property over 200 derandomized examples; check the count and the mix (not the time:
     the suite runs on busy machines)."""

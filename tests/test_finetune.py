@@ -1,6 +1,7 @@
 """finetune: labels, distillation, exact resume (in process, after SIGKILL, with samplers drawing from
 the global RNG), torchrun DDP and FSDP2, checkpoints that are unwritable, damaged or not ours."""
 
+import contextlib
 import importlib.util
 import os
 import signal
@@ -153,6 +154,7 @@ def worker_weights(path):
     return torch.load(path, weights_only=True)
 
 
+@pytest.mark.slow  # two training processes
 def test_sigkilled_process_resumes_to_the_same_weights(tmp_path):
     full = worker.train(dropout=True)  # uninterrupted, in this process (also on one thread)
     run = [sys.executable, str(WORKER)]
@@ -170,16 +172,53 @@ def test_sigkilled_process_resumes_to_the_same_weights(tmp_path):
         assert torch.equal(full[name], resumed[name]), name
 
 
+def launches_torchrun(test):
+    """Marks a test that launches torchrun: ``distributed`` (and ``slow``), and in one xdist group so
+    that no two launches run at once in two workers (each picks a free port; two at once could
+    collide). The ``torchrun`` fixture also takes a lock around each launch: pytest-xdist 3.8's
+    grouping has no effect with pytest 9.2 (pytest-xdist issue #1386)."""
+    for mark in (pytest.mark.distributed, pytest.mark.slow, pytest.mark.xdist_group("distributed")):
+        test = mark(test)
+    return test
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def torchrun(*args, check=True):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-                           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(WORKER), *map(str, args)],
-                          check=check, env=ENV, timeout=180, capture_output=not check)
+@contextlib.contextmanager
+def exclusive(path):
+    """Hold an exclusive lock on the file ``path`` (where there is fcntl; elsewhere no lock)."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    with open(path, "a") as f:
+        if fcntl:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="session")
+def torchrun(tmp_path_factory):
+    """Run tests/finetune_worker.py under torchrun on 2 processes; one launch at a time among all
+    the xdist workers of this run (they share the parent of their temporary directories)."""
+    lock = tmp_path_factory.getbasetemp().parent / "tdnn-torchrun.lock"
+
+    def launch(*args, check=True):
+        with exclusive(lock):
+            return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
+                                   "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+                                   str(WORKER), *map(str, args)],
+                                  check=check, env=ENV, timeout=180, capture_output=not check)
+
+    return launch
 
 
 def assert_matches_single_process(single, path, what):
@@ -196,15 +235,17 @@ def single_process_weights():
     return worker.train()
 
 
+@launches_torchrun
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_torchrun_matches_single_process(tmp_path, single_process_weights, parallel):
+def test_torchrun_matches_single_process(tmp_path, single_process_weights, parallel, torchrun):
     # fsdp: every parameter, gradient and momentum buffer sharded over the 2 processes (FSDP2 on
     # gloo); the worker checks the model it passed in comes back a plain nn.Sequential
     torchrun(tmp_path / "out.pt", "--parallel", parallel)
     assert_matches_single_process(single_process_weights, tmp_path / "out.pt", f"{parallel} (2 processes, gloo)")
 
 
-def test_fsdp_trains_a_tied_llama_like_one_process(tmp_path):
+@launches_torchrun
+def test_fsdp_trains_a_tied_llama_like_one_process(tmp_path, torchrun):
     # FSDP2 over the 3 decoder blocks and the root, the teacher sharded too; only the factors train
     # (norms and the tied embedding frozen inside the same sharded groups); the worker checks the
     # lm_head/embedding tie survives and the model comes back plain; keep_best evaluates the
@@ -220,8 +261,9 @@ def test_fsdp_trains_a_tied_llama_like_one_process(tmp_path):
         torch.testing.assert_close(sharded["state"][name], weight, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@launches_torchrun
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_torchrun_resumes_after_a_worker_is_killed(tmp_path, single_process_weights, parallel):
+def test_torchrun_resumes_after_a_worker_is_killed(tmp_path, single_process_weights, parallel, torchrun):
     # a rank SIGKILLed at step ~33: torchrun stops the job; the relaunch resumes from step 30's
     # checkpoint (full weights and momentum; for fsdp gathered from the shards) to the same end
     ckpt = tmp_path / "ckpt"

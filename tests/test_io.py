@@ -441,6 +441,7 @@ FUZZ_HEADER = settings(max_examples=150, deadline=None, derandomize=True,
                        suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
+@pytest.mark.slow
 @FUZZ_HEADER
 @given(damage=header_damage())
 def test_fuzz_checkpoint_headers(saved_bytes, tmp_path_factory, damage):

@@ -20,6 +20,7 @@ import textwrap
 import pytest
 
 pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow  # four fresh processes, each compressing a LLaMA
 
 SCRIPT = textwrap.dedent("""
     import json, resource, torch, transformers, tdnn

@@ -18,21 +18,19 @@ import signal
 from collections.abc import Iterator
 
 import torch
-from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import tdnn
 from tdnn.finetune import distillation_loss
+from models import digits, digits_mlp, tiny_llama  # tests/ is on sys.path: pytest's, or this script's own
 
 
 class Digits(Dataset):
     """scikit-learn's 8×8 digits as flat float vectors in [0, 1]."""
 
     def __init__(self, kill_after: int | None = None) -> None:
-        x, y = load_digits(return_X_y=True)
-        self.x = torch.tensor(x, dtype=torch.float32) / 16.0
-        self.y = torch.tensor(y)
+        self.x, self.y = digits()
         self.kill_after, self.fetched = kill_after, 0
 
     def __len__(self) -> int:
@@ -48,8 +46,7 @@ class Digits(Dataset):
 def build(dropout: bool) -> tuple[nn.Module, nn.Module]:
     """(student, teacher), the same in every process."""
     torch.manual_seed(0)
-    extra = [nn.BatchNorm1d(128), nn.Dropout(0.2)] if dropout else []
-    teacher = nn.Sequential(nn.Linear(64, 128), *extra, nn.ReLU(), nn.Linear(128, 10))
+    teacher = digits_mlp(dropout)
     student = tdnn.compress_model(teacher, ranks=0.3)
     return student, teacher
 
@@ -88,13 +85,8 @@ def train_llama(parallel: str = "ddp") -> dict[str, object]:
     """Distil the factors of a compressed tiny LLaMA (tied embeddings and norms frozen, rotary
     buffers, 3 blocks) on random tokens, keeping the weights of the best held-out distillation
     loss; its state dict and what the run reports."""
-    import transformers
-
     with one_thread():
-        torch.manual_seed(0)
-        config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-        teacher = transformers.LlamaForCausalLM(config).eval()
+        teacher = tiny_llama(layers=3, tied=True, positions=None)  # seeded
         student = tdnn.compress_model(teacher, ranks=0.5)
         tokens = torch.randint(0, 64, (17, 8, 12))
         data, held_out = [{"input_ids": t} for t in tokens[:16]], tokens[16]

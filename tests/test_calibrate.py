@@ -1,13 +1,18 @@
-"""Data-aware initialisation: whitening by input statistics, BatchNorm scaling, sequential mode."""
+"""Data-aware initialisation: whitening by input statistics, BatchNorm scaling, sequential mode,
+damping; hostile calibration data (non-finite values, wrong containers, a fuzz of both)."""
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import tdnn
 from tdnn.algebra.whitening import Whitening
 from tdnn.statistics import moments
 from tdnn.statistics.hooks import collect
+from models import Twice, calib_net, dead_units, snapshot, unchanged
 
 torch.manual_seed(0)
 
@@ -318,3 +323,121 @@ def test_slab_wise_checks_equal_whole_tensor_ones(monkeypatch):
         c = a.clone()
         c[22, 4] = bad  # in the last slab
         assert not decompose.all_finite(c) and not decompose.all_finite(c[22, 4])
+
+
+# -- damping (a singular covariance) -----------------------------------------------------------
+
+def test_damping_zero_with_a_singular_covariance_gives_a_finite_model():
+    net, x = dead_units(), torch.randn(256, 16)
+    small = tdnn.compress_model(net, ranks=0.5, calibration=[x], damping=0.0)
+    assert all(torch.isfinite(p).all() for p in small.parameters())
+    with torch.no_grad():
+        plain = tdnn.compress_model(net, ranks=0.5)
+        assert (small(x) - net(x)).norm() <= (plain(x) - net(x)).norm()
+
+
+@pytest.mark.parametrize("damping", [-0.1, float("nan"), float("inf"), "0.1", True])
+def test_bad_damping_is_refused(damping):
+    with pytest.raises((ValueError, TypeError), match=r"damping="):
+        tdnn.compress_model(dead_units(), ranks=0.5, calibration=[torch.randn(8, 16)], damping=damping)
+
+
+# -- sequential mode: a layer called twice -----------------------------------------------------
+
+def test_sequential_mode_calibrates_a_layer_called_twice_on_both_calls():
+    torch.manual_seed(0)
+    model, x = Twice().eval(), torch.randn(128, 16)
+    small = tdnn.compress_model(model, ranks=0.5, calibration=[x], sequential=True)
+    assert small.tdnn_plan["shared"].data_aware and isinstance(small.shared, tdnn.SVDLinear)
+    one_shot = tdnn.compress_model(model, ranks=0.5, calibration=[x])
+    with torch.no_grad():
+        assert (small(x) - model(x)).norm() <= 1.05 * (one_shot(x) - model(x)).norm()
+
+
+# -- hostile calibration data ------------------------------------------------------------------
+
+def conv_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8 * 8, 4))
+
+
+def test_non_finite_calibration_data_is_refused_with_the_batch_named():
+    bad = torch.randn(4, 8, 8, 8)
+    bad[1, 2, 3, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"calibration batch 1 holds NaN or Inf"):
+        tdnn.compress_model(conv_net(), ranks=0.5, calibration=[torch.randn(4, 8, 8, 8), bad])
+
+
+def test_non_finite_activations_are_refused_with_the_layer_named():
+    net = conv_net()
+    with torch.no_grad():
+        net[0].weight.mul_(1e30)  # finite weights and inputs, but float32 overflows inside the model
+    with pytest.raises(ValueError, match=r"^3: calibration inputs of this layer hold NaN or Inf"):
+        tdnn.compress_model(net, ranks=0.5, calibration=[torch.randn(4, 8, 8, 8) * 1e10])
+
+
+def test_a_single_tensor_as_calibration_is_refused_with_the_fix():
+    with pytest.raises(TypeError, match=r"calibration=\[x\]"):
+        tdnn.compress_model(conv_net(), ranks=0.5, calibration=torch.randn(4, 8, 8, 8))
+
+
+def test_a_loader_of_inputs_and_labels_gets_a_clear_error():
+    loader = DataLoader(TensorDataset(torch.randn(16, 8, 8, 8), torch.randint(0, 4, (16,))), batch_size=8)
+    with pytest.raises(ValueError, match=r"calibration batch 0: .*model\(\*batch\).*\(x for x, _ in loader\)"):
+        tdnn.compress_model(conv_net(), ranks=0.5, calibration=loader)
+
+
+def test_unbatched_conv_inputs_use_the_channel_axis():
+    conv = nn.Conv2d(8, 16, 3, dtype=torch.float64)
+    x = torch.randn(8, 8, 10, dtype=torch.float64)  # unbatched (C, H, W) with C == H
+    for geometry in ("channels", "patches"):
+        unbatched = collect(conv, [x], {"c": (conv, geometry)})["c"].gram
+        batched = collect(conv, [x[None]], {"c": (conv, geometry)})["c"].gram
+        torch.testing.assert_close(unbatched, batched)
+
+
+# -- fuzz: calibration data --------------------------------------------------------------------
+
+@st.composite
+def calibration_data(draw):
+    """Good batches, or batches with NaN/Inf, wrong shapes or dtypes, odd containers."""
+    n = draw(st.integers(0, 3))
+    batches = []
+    for _ in range(n):
+        shape = draw(st.sampled_from([(4, 3, 6, 6), (3, 6, 6), (4, 4, 6, 6), (4, 3, 5, 5), (4, 108), (2, 3, 6, 6)]))
+        x = torch.randn(shape)
+        if draw(st.integers(0, 4)) == 0:
+            x.view(-1)[draw(st.integers(0, x.numel() - 1))] = draw(st.sampled_from([float("nan"), float("inf")]))
+        form = draw(st.sampled_from(["tensor", "tensor", "tuple", "pair", "dict", "int", "half"]))
+        batches.append({"tensor": x, "tuple": (x,), "pair": (x, torch.zeros(shape[0], dtype=torch.long)),
+                        "dict": {"input": x}, "int": 3, "half": x.half()}[form])
+    container = draw(st.sampled_from(["list", "tuple", "generator", "single"]))
+    if container == "single":
+        return torch.randn(4, 3, 6, 6)
+    if container == "generator":
+        return (b for b in batches)
+    return batches if container == "list" else tuple(batches)
+
+
+FUZZ_CALIB = settings(max_examples=120, deadline=None, derandomize=True,
+                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@pytest.mark.slow
+@FUZZ_CALIB
+@given(calibration_data(), st.sampled_from([0.5, "energy:0.9"]), st.sampled_from(["auto", "svd", "cp"]),
+       st.booleans())
+def test_fuzz_calibration_data(data, ranks, method, sequential):
+    """Calibration data compresses to a finite, data-aware model or is refused with a clear
+    ValueError/TypeError; the input model is never modified."""
+    model = calib_net()
+    snap = snapshot(model)
+    try:
+        small = tdnn.compress_model(model, ranks=ranks, method=method, calibration=data, sequential=sequential)
+    except (ValueError, TypeError) as err:
+        assert str(err) and type(err).__module__ == "builtins"
+        assert unchanged(model, snap)
+        return
+    assert unchanged(model, snap)
+    assert all(torch.isfinite(p).all() for p in small.parameters())
+    assert all(e.data_aware for e in small.tdnn_plan.factorized())

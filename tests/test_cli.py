@@ -9,39 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock
 
 import tdnn
 from tdnn.cli import main
+from models import DIGITS_CONFIG, ROOT, saved_mlp16, small_resnet
 
-ROOT = Path(__file__).resolve().parent.parent
-DIGITS_CONFIG = str(ROOT / "configs" / "resnet18_digits.yaml")
-MODEL = "test_cli:small_resnet"  # pytest puts tests/ on sys.path
-
-
-class SmallResNet(nn.Module):
-    """A narrow two-stage ResNet with torchvision's layer names (conv1, layer1.0.conv1, ..., fc)."""
-
-    def __init__(self, num_classes=10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        self.relu = nn.ReLU(inplace=True)
-        down = nn.Sequential(nn.Conv2d(16, 32, 1, stride=2, bias=False), nn.BatchNorm2d(32))
-        self.layer1 = nn.Sequential(BasicBlock(16, 16))
-        self.layer2 = nn.Sequential(BasicBlock(16, 32, stride=2, downsample=down))
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(32, num_classes)
-
-    def forward(self, x):
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layer2(self.layer1(x))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
-def small_resnet():
-    torch.manual_seed(0)
-    return SmallResNet()
+MODEL = "models:small_resnet"  # pytest puts tests/ on sys.path
 
 
 def test_compress_report_finetune(tmp_path, capsys):
@@ -107,3 +80,32 @@ def test_help_of_each_command(command, expected, capsys):
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert printed.startswith(f"usage: tdnn {command}") and expected in printed
+
+
+@pytest.fixture
+def saved(tmp_path):
+    return saved_mlp16(tmp_path)
+
+
+def test_cli_errors_for_a_missing_factory_and_a_bad_device(tmp_path, capsys, saved):
+    assert main(["compress", str(ROOT / "configs/resnet18_digits.yaml"), "--model", "collections:missing",
+                 "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "module collections has no 'missing'" in capsys.readouterr().err
+    for device in ("gpu7", "cuda:3"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["finetune", str(saved), "--model", "m:f", "--out", "o", "--device", device])
+        assert exit_info.value.code == 2
+        assert "--device" in capsys.readouterr().err
+
+
+def headless_classifier():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+
+def test_a_model_without_a_named_head_is_fine_when_its_class_count_matches():
+    from tdnn._vision import build_model
+
+    model = build_model(f"{__name__}:headless_classifier", num_classes=10)
+    assert isinstance(model[3], nn.Linear) and model[3].out_features == 10
+    with pytest.raises(ValueError, match=r"cannot find the classifier .* gives 10 classes, not 7"):
+        build_model(f"{__name__}:headless_classifier", num_classes=7)

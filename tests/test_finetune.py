@@ -1,21 +1,25 @@
-"""finetune: labels, distillation, exact resume (in process and after SIGKILL), torchrun DDP and FSDP2."""
+"""finetune: labels, distillation, exact resume (in process, after SIGKILL, with samplers drawing from
+the global RNG), torchrun DDP and FSDP2, checkpoints that are unwritable, damaged or not ours."""
 
+import contextlib
 import importlib.util
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from sklearn.datasets import load_digits
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset, WeightedRandomSampler
 
 import tdnn
 from tdnn.finetune import distillation_loss, global_batch_sizes
+import models
+from models import digits_mlp
 
 WORKER = Path(__file__).with_name("finetune_worker.py")
 _spec = importlib.util.spec_from_file_location("finetune_worker", WORKER)
@@ -26,17 +30,10 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 @pytest.fixture(scope="module")
 def digits():
-    x, y = load_digits(return_X_y=True)
-    x = torch.tensor(x, dtype=torch.float32) / 16.0
-    y = torch.tensor(y)
+    x, y = models.digits()
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     train, test = perm[:1300], perm[1300:]
     return x[train], y[train], x[test], y[test]
-
-
-def mlp(dropout=False):
-    extra = [nn.BatchNorm1d(128), nn.Dropout(0.2)] if dropout else []
-    return nn.Sequential(nn.Linear(64, 128), *extra, nn.ReLU(), nn.Linear(128, 10))
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +41,7 @@ def teacher(digits):
     """A dense MLP trained from labels with finetune itself."""
     x, y, _, _ = digits
     torch.manual_seed(0)
-    model = mlp()
+    model = digits_mlp()
     data = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)
     tdnn.finetune(model, data, epochs=8, lr=0.1, progress=False)
     return model.eval()
@@ -122,7 +119,7 @@ class CrashingDigits(Dataset):
 def run_resumable(digits, tmp_path, crash_after=None, max_steps=None):
     x, y, _, _ = digits
     torch.manual_seed(0)
-    teacher = mlp(dropout=True)
+    teacher = digits_mlp(dropout=True)
     student = tdnn.compress_model(teacher, ranks=0.3)
     data = DataLoader(CrashingDigits(x, y, crash_after), batch_size=64, shuffle=True)
     result = tdnn.finetune(student, data, teacher=teacher, epochs=3, max_steps=max_steps, lr=0.05,
@@ -157,6 +154,7 @@ def worker_weights(path):
     return torch.load(path, weights_only=True)
 
 
+@pytest.mark.slow  # two training processes
 def test_sigkilled_process_resumes_to_the_same_weights(tmp_path):
     full = worker.train(dropout=True)  # uninterrupted, in this process (also on one thread)
     run = [sys.executable, str(WORKER)]
@@ -174,16 +172,53 @@ def test_sigkilled_process_resumes_to_the_same_weights(tmp_path):
         assert torch.equal(full[name], resumed[name]), name
 
 
+def launches_torchrun(test):
+    """Marks a test that launches torchrun: ``distributed`` (and ``slow``), and in one xdist group so
+    that no two launches run at once in two workers (each picks a free port; two at once could
+    collide). The ``torchrun`` fixture also takes a lock around each launch: pytest-xdist 3.8's
+    grouping has no effect with pytest 9.2 (pytest-xdist issue #1386)."""
+    for mark in (pytest.mark.distributed, pytest.mark.slow, pytest.mark.xdist_group("distributed")):
+        test = mark(test)
+    return test
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def torchrun(*args, check=True):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-                           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(WORKER), *map(str, args)],
-                          check=check, env=ENV, timeout=180, capture_output=not check)
+@contextlib.contextmanager
+def exclusive(path):
+    """Hold an exclusive lock on the file ``path`` (where there is fcntl; elsewhere no lock)."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    with open(path, "a") as f:
+        if fcntl:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="session")
+def torchrun(tmp_path_factory):
+    """Run tests/finetune_worker.py under torchrun on 2 processes; one launch at a time among all
+    the xdist workers of this run (they share the parent of their temporary directories)."""
+    lock = tmp_path_factory.getbasetemp().parent / "tdnn-torchrun.lock"
+
+    def launch(*args, check=True):
+        with exclusive(lock):
+            return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
+                                   "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+                                   str(WORKER), *map(str, args)],
+                                  check=check, env=ENV, timeout=180, capture_output=not check)
+
+    return launch
 
 
 def assert_matches_single_process(single, path, what):
@@ -200,15 +235,17 @@ def single_process_weights():
     return worker.train()
 
 
+@launches_torchrun
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_torchrun_matches_single_process(tmp_path, single_process_weights, parallel):
+def test_torchrun_matches_single_process(tmp_path, single_process_weights, parallel, torchrun):
     # fsdp: every parameter, gradient and momentum buffer sharded over the 2 processes (FSDP2 on
     # gloo); the worker checks the model it passed in comes back a plain nn.Sequential
     torchrun(tmp_path / "out.pt", "--parallel", parallel)
     assert_matches_single_process(single_process_weights, tmp_path / "out.pt", f"{parallel} (2 processes, gloo)")
 
 
-def test_fsdp_trains_a_tied_llama_like_one_process(tmp_path):
+@launches_torchrun
+def test_fsdp_trains_a_tied_llama_like_one_process(tmp_path, torchrun):
     # FSDP2 over the 3 decoder blocks and the root, the teacher sharded too; only the factors train
     # (norms and the tied embedding frozen inside the same sharded groups); the worker checks the
     # lm_head/embedding tie survives and the model comes back plain; keep_best evaluates the
@@ -224,8 +261,9 @@ def test_fsdp_trains_a_tied_llama_like_one_process(tmp_path):
         torch.testing.assert_close(sharded["state"][name], weight, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@launches_torchrun
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_torchrun_resumes_after_a_worker_is_killed(tmp_path, single_process_weights, parallel):
+def test_torchrun_resumes_after_a_worker_is_killed(tmp_path, single_process_weights, parallel, torchrun):
     # a rank SIGKILLed at step ~33: torchrun stops the job; the relaunch resumes from step 30's
     # checkpoint (full weights and momentum; for fsdp gathered from the shards) to the same end
     ckpt = tmp_path / "ckpt"
@@ -288,3 +326,99 @@ def test_sharded_twins_keep_tensor_attributes_that_are_not_parameters():
     _aliases(model, twin)
     assert twin[0].original is twin[0].inv_freq and torch.equal(twin[0].table, model[0].table)
     assert twin[0].table is not model[0].table
+
+
+# -- exact resume with samplers that draw from the global RNG ----------------------------------
+
+class Crashing(TensorDataset):
+    def __init__(self, x, y, crash_at=None):
+        super().__init__(x, y)
+        self.crash_at, self.fetched = crash_at, 0
+
+    def __getitem__(self, i):
+        self.fetched += 1
+        if self.crash_at is not None and self.fetched >= self.crash_at:
+            raise Crash
+        return super().__getitem__(i)
+
+
+@pytest.mark.parametrize("sampler", ["weighted", "replacement"])
+def test_resume_is_exact_with_samplers_drawing_from_the_global_rng(sampler, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(300, 12, generator=g), torch.randint(0, 3, (300,), generator=g)
+
+    def run(directory, crash_at=None):
+        torch.manual_seed(0)
+        model = tdnn.compress_model(nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 3)), ranks=0.5)
+        data = Crashing(x, y, crash_at)
+        pick = (WeightedRandomSampler(torch.linspace(0.2, 1.0, 300), 300) if sampler == "weighted"
+                else RandomSampler(data, replacement=True))
+        loader = DataLoader(data, batch_size=20, sampler=pick)
+        result = tdnn.finetune(model, loader, epochs=3, lr=0.05, checkpoint_dir=directory, checkpoint_every=4,
+                               progress=False)
+        return model, result
+
+    full, _ = run(tmp_path / "full")
+    with pytest.raises(Crash):
+        run(tmp_path / "cut", crash_at=22 * 20 + 5)  # in epoch 2, after the checkpoint at step 20
+    resumed, result = run(tmp_path / "cut")
+    assert result.resumed_from == 20
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+# -- checkpoints: unwritable, damaged, not ours ------------------------------------------------
+
+def tiny_run(directory, **kwargs):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 3))
+    data = [(torch.randn(4, 6), torch.randint(0, 3, (4,))) for _ in range(3)]
+    return tdnn.finetune(model, data, checkpoint_dir=directory, progress=False, **kwargs)
+
+
+def test_an_unwritable_checkpoint_dir_fails_before_training(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    if os.access(locked, os.W_OK):  # root writes anywhere: take a directory no one can write into
+        locked = Path("/proc/self")
+        if not locked.is_dir():
+            pytest.skip("no unwritable directory to try")
+    steps = []
+    model = nn.Sequential(nn.Linear(6, 3))
+    model.register_forward_hook(lambda m, a, out: steps.append(1))
+    data = [(torch.randn(4, 6), torch.randint(0, 3, (4,))) for _ in range(3)]
+    with pytest.raises(ValueError, match=rf"checkpoint_dir {locked} is not writable"):
+        tdnn.finetune(model, data, epochs=50, checkpoint_dir=locked, progress=False)
+    assert steps == []  # refused before any training
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage", "step", "no_rng"])
+def test_a_damaged_checkpoint_is_refused_with_its_path(damage, tmp_path):
+    tiny_run(tmp_path, epochs=2)
+    path = tmp_path / "last.pt"
+    data = path.read_bytes()
+    if damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00\x01not a checkpoint" * 10)
+    else:
+        state = torch.load(path, weights_only=True)
+        if damage == "step":
+            state["step"] = 10 ** 9
+        else:
+            del state["rng"]
+        torch.save(state, path)
+    with pytest.raises(ValueError, match=rf"^{path}: .*(delete it|another checkpoint_dir)"):
+        tiny_run(tmp_path, epochs=2)
+
+
+def test_resume_false_never_overwrites_a_file_tdnn_did_not_write(tmp_path):
+    (tmp_path / "last.pt").write_text("my notes")
+    with pytest.raises(ValueError, match=r"is not a tdnn.finetune checkpoint; refusing to overwrite"):
+        tiny_run(tmp_path, resume=False)
+    assert (tmp_path / "last.pt").read_text() == "my notes"
+    tiny_run(tmp_path / "mine")
+    assert tiny_run(tmp_path / "mine", resume=False).resumed_from is None  # its own file: overwritten

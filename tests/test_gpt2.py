@@ -7,16 +7,10 @@ import torch
 import tdnn
 from tdnn.layers import registry
 from tdnn.layers import walk
+from models import gpt2
 
 transformers = pytest.importorskip("transformers")
-VOCAB = 128
-
-
-def gpt2():
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=64,
-                                     bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    return transformers.GPT2LMHeadModel(config).eval()
+VOCAB = 128  # gpt2()'s
 
 
 def tokens(batch=2, length=16, seed=0):

@@ -1,5 +1,5 @@
-"""optimize_for_inference: BatchNorm folding that is exact and refuses unsafe folds; memory layouts
-of convolution and Linear weights."""
+"""optimize_for_inference: BatchNorm folding that is exact and refuses unsafe folds (also into a layer
+whose output is kept as a side effect); memory layouts of convolution and Linear weights."""
 
 import types
 
@@ -302,3 +302,32 @@ def test_linear_layout_in_place_and_saved():
             p.zero_()
     copy.load_state_dict(net.state_dict())
     torch.testing.assert_close(copy(ids), net(ids), rtol=1e-5, atol=1e-6)
+
+
+# -- outputs kept as a side effect -------------------------------------------------------------
+
+class KeepsFeature(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+        self.feat = None
+
+    def forward(self, x):
+        y = self.conv(x)
+        self.feat = y  # kept for a later reader, e.g. a feature-matching loss
+        return self.bn(y)
+
+
+def test_no_fold_into_a_layer_whose_output_is_kept_after_the_call():
+    torch.manual_seed(0)
+    model, x = KeepsFeature().eval(), torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+        model(x)
+    feature = model.feat.clone()
+    fast = tdnn.optimize_for_inference(model, x, memory_format="contiguous")
+    assert fast.tdnn_inference.folded == []
+    with torch.no_grad():
+        fast(x)
+    torch.testing.assert_close(fast.feat, feature)

@@ -1,4 +1,5 @@
-"""Save / load / apply_plan: bit-identical round trips, atomic writes, clear mismatch errors."""
+"""Save / load / apply_plan: bit-identical round trips, ties, atomic writes, clear mismatch errors,
+tampered and fuzzed checkpoint headers."""
 
 import json
 import os
@@ -12,17 +13,16 @@ import time
 import pytest
 import safetensors.torch
 import torch
-import torchvision
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 import tdnn
+from tdnn.analysis.report import checkpoint_report
 from tdnn.deploy import io
-from test_compress import TinyTransformer
-
-
-def resnet18():
-    torch.manual_seed(0)
-    return torchvision.models.resnet18(num_classes=10).eval()
+from models import TinyTransformer, calib_net, mlp16, resnet18, saved_mlp16
 
 
 def transformer():
@@ -321,3 +321,160 @@ def test_plan_details_kept_and_hand_built_models_described(tmp_path):
     fresh = nn.Sequential(nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 3))
     x = torch.randn(4, 40)
     assert torch.equal(tdnn.load(tmp_path / "h.safetensors", fresh)(x), hand(x))
+
+
+# -- tied weights ------------------------------------------------------------------------------
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab=50, dim=32):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.body = nn.Sequential(nn.Linear(dim, 64), nn.GELU(), nn.Linear(64, dim))
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.embed.weight  # tied, as in most small LLMs
+
+    def forward(self, ids):
+        return self.head(self.body(self.embed(ids)))
+
+
+def test_tied_layers_stay_tied_through_compress_save_load_and_merge(tmp_path):
+    torch.manual_seed(0)
+    model, ids = TinyLM().eval(), torch.randint(0, 50, (2, 7))
+    small = tdnn.compress_model(model, ranks=0.5)
+    assert small.head.weight is small.embed.weight
+    assert "tied to embed" in small.tdnn_plan["head"].reason
+    assert isinstance(small.body[0], tdnn.SVDLinear)
+    tdnn.save(small, tmp_path / "lm.safetensors")
+    with torch.device("meta"):
+        skeleton = TinyLM()
+    loaded = tdnn.load(tmp_path / "lm.safetensors", skeleton, assign=True).eval()
+    assert loaded.head.weight is loaded.embed.weight
+    assert torch.equal(loaded(ids), small(ids))
+    merged = tdnn.merge(small)
+    assert merged.head.weight is merged.embed.weight
+
+
+# -- tampered checkpoint headers ---------------------------------------------------------------
+
+@pytest.fixture
+def saved(tmp_path):
+    return saved_mlp16(tmp_path)
+
+
+def tamper(path, change):
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    change(meta)
+    save_file(tensors, str(path), metadata=meta)
+
+
+TAMPERING = {
+    "plan without layers": (lambda m: m.update(plan="{}"), r"'plan': .*layers"),
+    "layers not a list": (lambda m: m.update(plan='{"layers": "x"}'), r"'plan.layers' must be a list"),
+    "no format_version": (lambda m: m.pop("format_version"), r"'format_version' is missing"),
+    "bad JSON": (lambda m: m.update(layers="{not json"), r"'layers' is not valid JSON"),
+    "string rel_error": (lambda m: m.update(layers=json.dumps(
+        {k: {**v, "rel_error": "tiny"} for k, v in json.loads(m["layers"]).items()})), r"rel_error.* a number"),
+    "rank of the wrong type": (lambda m: m.update(plan=json.dumps(
+        {"layers": [{**e, "rank": str(e["rank"])} for e in json.loads(m["plan"])["layers"]]})),
+        r"'plan.layers\[0\].rank'"),
+}
+
+
+@pytest.mark.parametrize("case", list(TAMPERING))
+def test_a_tampered_header_is_refused_naming_the_file_and_field(case, saved, capsys):
+    change, message = TAMPERING[case]
+    tamper(saved, change)
+    fresh = mlp16()
+    with pytest.raises(ValueError, match=rf"^{saved}: .*{message}"):
+        tdnn.load(saved, fresh)
+    from tdnn.cli import main
+
+    assert main(["report", str(saved)]) == 2
+    assert f"tdnn report: error: {saved}" in capsys.readouterr().err
+
+
+def test_load_into_a_meta_model_needs_assign(saved):
+    with torch.device("meta"):
+        skeleton = mlp16()
+    with pytest.raises(ValueError, match=r"meta device.*assign=True"):
+        tdnn.load(saved, skeleton)
+
+
+def test_save_does_not_replace_a_read_only_file(saved):
+    saved.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+    before = saved.read_bytes()
+    with pytest.raises(PermissionError, match="read-only"):
+        tdnn.save(nn.Sequential(nn.Linear(2, 2)), saved)
+    assert saved.read_bytes() == before
+
+
+# -- fuzz: checkpoint headers ------------------------------------------------------------------
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-3, 10 ** 12) | st.floats(allow_nan=False)
+                           | st.text(max_size=6),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                                                      max_size=3), max_leaves=6)
+
+
+@st.composite
+def header_damage(draw):
+    """One change to a checkpoint's metadata: a key dropped, a value replaced by text or by JSON
+    of another shape, or one field deep inside the plan or layer records replaced."""
+    key = draw(st.sampled_from(["format_version", "tdnn_version", "plan", "layers", "aliases"]))
+    how = draw(st.sampled_from(["drop", "text", "json", "plan_field", "layer_field"]))
+    value = draw(JSON_VALUES)
+    field = draw(st.sampled_from(["name", "kind", "method", "rank", "reason", "data_aware", "latency_ratio",
+                                  "bogus", "class", "dense_kwargs", "rel_error"]))
+    return key, how, value, field, draw(st.text(max_size=8))
+
+
+@pytest.fixture(scope="module")
+def saved_bytes(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fuzz") / "m.safetensors"
+    torch.manual_seed(0)
+    tdnn.save(tdnn.compress_model(calib_net(), ranks=0.5).eval(), path)
+    return path
+
+
+FUZZ_HEADER = settings(max_examples=150, deadline=None, derandomize=True,
+                       suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.mark.slow
+@FUZZ_HEADER
+@given(damage=header_damage())
+def test_fuzz_checkpoint_headers(saved_bytes, tmp_path_factory, damage):
+    """A damaged header loads to the very model that was saved, or is refused with a ValueError
+    naming the file; never a KeyError, AttributeError or a crash in repr or the report."""
+    key, how, value, field, text = damage
+    with safe_open(str(saved_bytes), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    if how == "drop":
+        meta.pop(key)
+    elif how == "text":
+        meta[key] = text
+    elif how == "json":
+        meta[key] = json.dumps(value)
+    elif how == "plan_field":
+        plan = json.loads(meta["plan"])
+        plan["layers"][0][field] = value
+        meta["plan"] = json.dumps(plan)
+    else:
+        layers = json.loads(meta["layers"])
+        next(iter(layers.values()))[field] = value
+        meta["layers"] = json.dumps(layers)
+    path = tmp_path_factory.mktemp("damaged") / "m.safetensors"
+    save_file(tensors, str(path), metadata=meta)
+    x = torch.randn(2, 3, 6, 6)
+    try:
+        loaded = tdnn.load(path, calib_net()).eval()
+        repr(loaded)
+        str(tdnn.report(loaded))
+        str(checkpoint_report(path))
+    except ValueError as err:
+        assert str(err).startswith(f"{path}: ") or str(path) in str(err), err
+        return
+    reference = tdnn.load(saved_bytes, calib_net()).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), reference(x))

@@ -1,5 +1,8 @@
-"""Factorized layers: exactness, truncation error, hyper-parameters, gradients."""
+"""Factorized layers: exactness at full rank for every kind (Linear, Conv2d, Conv1d, Hugging Face's
+Conv1D), truncation error, hyper-parameters, gradients."""
 
+import importlib
+import importlib.util
 import itertools
 
 import pytest
@@ -16,11 +19,16 @@ STRIDES = [(1, 1), (2, 1)]
 PADDINGS = [0, (1, 2), "same"]
 DILATIONS = [1, (2, 1)]
 BIASES = [True, False]
+# nn.Conv1d: one axis
+KERNELS_1D = [1, 3, 4]
+STRIDES_1D = [1, 2]
+PADDINGS_1D = [0, 2, "same"]
+DILATIONS_1D = [1, 2]
 
 
-def conv_grid():
-    for k, s, p, d, b in itertools.product(KERNELS, STRIDES, PADDINGS, DILATIONS, BIASES):
-        if p == "same" and s != (1, 1):
+def conv_grid(kernels=KERNELS, strides=STRIDES, paddings=PADDINGS, dilations=DILATIONS, unit=(1, 1)):
+    for k, s, p, d, b in itertools.product(kernels, strides, paddings, dilations, BIASES):
+        if p == "same" and s != unit:
             continue  # PyTorch itself rejects padding='same' with stride > 1
         yield k, s, p, d, b
 
@@ -34,15 +42,69 @@ def full_rank(cls, conv):
     return cls.max_rank(conv)
 
 
-@pytest.mark.parametrize("cls", [tdnn.SVDConv2d, tdnn.Tucker2Conv2d])
-@pytest.mark.parametrize("k,s,p,d,b", list(conv_grid()))
-def test_full_rank_conv_is_exact(cls, k, s, p, d, b):
-    conv = make_conv(k, s, p, d, b)
-    x = torch.randn(2, 6, 11, 12, dtype=torch.float64)
-    small = cls.from_dense(conv, full_rank(cls, conv))
-    torch.testing.assert_close(small(x), conv(x), atol=1e-6, rtol=0)
-    assert small.rel_error < 1e-10
+# -- full rank is exact: every kind × its conv hyper-parameters × every method that applies ------
 
+def make_conv1d(k, s, p, d, b):
+    return nn.Conv1d(6, 8, k, stride=s, padding=p, dilation=d, bias=b, dtype=torch.float64)
+
+
+def make_linear(b):
+    return nn.Linear(20, 13, bias=b, dtype=torch.float64)
+
+
+def make_hf_conv1d(b):
+    from transformers.pytorch_utils import Conv1D
+
+    layer = Conv1D(13, 20).double()  # 20 -> 13, always with a bias (zeros as built: make it count)
+    with torch.no_grad():
+        layer.bias.normal_()
+    return layer
+
+
+HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
+# kind: (layer builder, input builder, the grid of its hyper-parameters, method -> factorized class,
+#        the type of every factor, atol of the output at full rank)
+KINDS = {
+    "Linear": (make_linear, lambda: torch.randn(4, 7, 20, dtype=torch.float64), [(b,) for b in BIASES],
+               {"svd": "SVDLinear"}, nn.Linear, 1e-6),
+    "Conv2d": (make_conv, lambda: torch.randn(2, 6, 11, 12, dtype=torch.float64), list(conv_grid()),
+               {"svd": "SVDConv2d", "tucker2": "Tucker2Conv2d"}, nn.Conv2d, 1e-6),
+    "Conv1d": (make_conv1d, lambda: torch.randn(2, 6, 23, dtype=torch.float64),
+               list(conv_grid(KERNELS_1D, STRIDES_1D, PADDINGS_1D, DILATIONS_1D, unit=1)),
+               {"svd": "SVDConv1d", "tucker2": "Tucker2Conv1d"}, nn.Conv1d, 1e-9),
+    "Conv1D": (make_hf_conv1d, lambda: torch.randn(4, 7, 20, dtype=torch.float64), [(True,)],
+               {"svd": "SVDConv1D"}, nn.Linear, 1e-9),
+}
+
+
+def full_rank_cases():
+    for kind, (_, _, grid, methods, _, _) in KINDS.items():
+        marks = [pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers is not installed")] \
+            if kind == "Conv1D" else []
+        for hyper in grid:
+            for method in methods:
+                name = "-".join(str(v).replace(" ", "") for v in hyper)
+                yield pytest.param(kind, hyper, method, marks=marks, id=f"{kind}-{name}-{method}")
+
+
+def form(name):
+    """A factorized class by name: tdnn's, or the Hugging Face Conv1D form (imported on demand)."""
+    return getattr(tdnn, name, None) or getattr(importlib.import_module("tdnn.layers.hf_conv1d"), name)
+
+
+@pytest.mark.parametrize("kind,hyper,method", list(full_rank_cases()))
+def test_full_rank_is_exact(kind, hyper, method):
+    build, inputs, _, methods, factor, atol = KINDS[kind]
+    layer = build(*hyper)
+    cls = form(methods[method])  # the class itself: a 1×1 conv takes Tucker-2 too (compress_model gives it SVD)
+    small = cls.from_dense(layer, cls.max_rank(layer))
+    x = inputs()
+    torch.testing.assert_close(small(x), layer(x), atol=atol, rtol=0)
+    assert small.rel_error < 1e-10
+    assert all(isinstance(child, factor) for child in small)
+
+
+# -- truncated factors, hyper-parameters, groups -------------------------------------------------
 
 @pytest.mark.parametrize("cls,rank", [(tdnn.SVDConv2d, 3), (tdnn.Tucker2Conv2d, (3, 2)), (tdnn.CPConv2d, 5)])
 @pytest.mark.parametrize("k,s,p,d,b", [g for g in conv_grid() if g[0] != 1])
@@ -88,14 +150,6 @@ def test_grouped_conv_truncated_matches_dense_kernel(cls, rank):
     small = cls.from_dense(conv, rank)
     torch.testing.assert_close(small(x), small.to_dense()(x), atol=1e-10, rtol=0)
     assert 0 < small.rel_error < 1
-
-
-@pytest.mark.parametrize("bias", [True, False])
-def test_svd_linear_full_rank_exact(bias):
-    lin = nn.Linear(20, 13, bias=bias, dtype=torch.float64)
-    x = torch.randn(4, 7, 20, dtype=torch.float64)
-    small = tdnn.SVDLinear.from_dense(lin, 13)
-    torch.testing.assert_close(small(x), lin(x), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("shape", [(40, 25), (25, 40)])

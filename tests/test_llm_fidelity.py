@@ -7,16 +7,9 @@ from torch import nn
 
 import tdnn
 from tdnn.statistics.hooks import collect
+from models import llama
 
 transformers = pytest.importorskip("transformers")
-
-
-def llama(layers=3, seed=0):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=layers,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      tie_word_embeddings=True, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    return transformers.LlamaForCausalLM(config).eval()
 
 
 def token_batches(n=4, batch=4, length=24, seed=0):

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 import tdnn
+from models import resnet18
 
 
 def build(dtype=torch.float64):
@@ -41,8 +41,7 @@ def test_merged_outputs_equal_factorized_outputs(method):
 
 
 def test_merge_in_float32_and_on_resnet18():
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10).eval()
+    model = resnet18()
     small = tdnn.compress_model(model, ranks={"conv1": None, "fc": 4, "re:layer[12]\\..*": 8, "re:.*": None})
     merged = tdnn.merge(small)
     assert sum(isinstance(m, tdnn.Factorized) for m in small.modules()) == 10  # layer1: 4, layer2: 4 + 1×1 downsample, fc

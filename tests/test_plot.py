@@ -8,8 +8,7 @@ import torch
 import tdnn
 from tdnn.analysis.report import LayerRecord, Report
 from tdnn.analysis.sweep import SweepPoint
-from test_cli import DIGITS_CONFIG, small_resnet  # pytest puts tests/ on sys.path
-from test_sweep import tiny_llama, tokens
+from models import DIGITS_CONFIG, small_resnet, tiny_llama, tiny_llama_tokens as tokens
 
 matplotlib = pytest.importorskip("matplotlib")
 matplotlib.use("Agg")

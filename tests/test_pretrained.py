@@ -9,24 +9,15 @@ import textwrap
 import pytest
 import torch
 
+import models
 import tdnn
+from models import gpt2
 
 transformers = pytest.importorskip("transformers")
 
 
 def llama():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                                      bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def gpt2():
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64,
-                                     bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    return transformers.GPT2LMHeadModel(config).eval()
+    return models.llama(layers=2, positions=None)
 
 
 FRESH = textwrap.dedent("""

@@ -9,7 +9,7 @@ from torch import nn
 import tdnn
 from tdnn.cli import main
 from tdnn.analysis.sweep import SweepPoint, pareto_mask
-from test_cli import small_resnet  # pytest puts tests/ on sys.path
+from models import small_resnet, tiny_llama, tiny_llama_tokens as tokens
 
 TARGETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.8)
 
@@ -32,21 +32,6 @@ def count_calibration_passes(model, batches):
 
     model.register_forward_pre_hook(hook, with_kwargs=True)
     return calls
-
-
-def tiny_llama():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-def tokens(seed, pad=0):
-    ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(seed))
-    mask = torch.ones_like(ids)
-    mask[:, ids.shape[1] - pad:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 def test_pareto_mask_on_a_constructed_example():
@@ -203,16 +188,12 @@ def test_evaluate_must_return_a_number():
         tdnn.sweep(net, lambda m: "good", targets=(0.5,), calibration=[torch.randn(8, 8)], latency=False)
 
 
-def tiny_resnet():  # the CLI's --model test_sweep:tiny_resnet
-    return small_resnet()
-
-
 def test_cli_sweep_prints_the_table_and_writes_the_plot(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     config = tmp_path / "sweep.yaml"
     config.write_text('compress:\n  method: tucker2\n  ranks: {conv1: null, fc: null, "re:layer.*": 0.5}\n')
     plot = tmp_path / "sweep.svg"
-    assert main(["sweep", str(config), "--model", "test_sweep:tiny_resnet", "--data", "digits", "--image-size", "16",
+    assert main(["sweep", str(config), "--model", "models:small_resnet", "--data", "digits", "--image-size", "16",
                  "--targets", "0.3,0.6", "--calibration-batches", "1", "--batch-size", "32", "--latency-batch", "8",
                  "--plot", str(plot), "--no-progress"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -220,7 +201,7 @@ def test_cli_sweep_prints_the_table_and_writes_the_plot(tmp_path, capsys):
     assert [line.split()[0] for line in lines[2:5]] == ["original", "data-aware", "data-aware"]
     assert "tucker2" in lines[3] and lines[-1] == f"plot written to {plot}"
     assert plot.read_text().lstrip().startswith("<?xml") and "<svg" in plot.read_text()
-    assert main(["sweep", str(config), "--model", "test_sweep:tiny_resnet", "--methods", "qr"]) == 2
+    assert main(["sweep", str(config), "--model", "models:small_resnet", "--methods", "qr"]) == 2
     assert "unknown method 'qr'" in capsys.readouterr().err
 
 

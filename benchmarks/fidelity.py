@@ -182,31 +182,56 @@ def embed(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> torch.Ten
     return torch.cat(out)
 
 
+# ---------------------------------------------------------------- model C: MobileNetV2 (ImageNet)
+
+def mobilenet_rows(args: argparse.Namespace) -> list[Row]:
+    """torchvision's MobileNetV2 with its ImageNet weights, its 1×1 convolutions and classifier
+    compressed; calibrated and evaluated on disjoint photographs (``benchmarks/assets.py``)."""
+    import assets
+
+    model = assets.mobilenet_v2()
+    calibration = list(assets.natural_crops(64 if args.quick else 256, split="calib").split(32))
+    held_out = assets.natural_crops(128 if args.quick else 512, split="eval", seed=1)
+    reference = logits(model, held_out).argmax(1)
+
+    def evaluate(m: nn.Module) -> tuple[str, str]:
+        return f"{100 * (logits(m.eval(), held_out).argmax(1) == reference).float().mean():.1f}% agree", "-"
+
+    def pointwise(m: nn.Module, name: str) -> bool:  # 1×1 convolutions and the classifier
+        return isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1)
+
+    return compare("MobileNetV2 / photos", model, args.mobilenet_ratios, pointwise, calibration, evaluate,
+                   quick=args.quick)
+
+
 # ---------------------------------------------------------------- the comparison
 
+# (label, compress_model options): ``budget`` stands for Budget(params=p), p the plain row's
+# whole-model parameter fraction, so that every row of a ratio has the same parameter count
+VARIANTS = [
+    ("plain", dict(calibration=False)),
+    ("data-aware", dict()),
+    ("budget", dict(budget=True)),
+    ("best (budget + sequential)", dict(budget=True, sequential=True)),
+    ("best + refine", dict(budget=True, sequential=True, refine=True)),
+]
+
+
 def compare(name: str, model: nn.Module, ratios: list[float], filter_fn: Callable[[nn.Module, str], bool],
-            calibration: list[Any], evaluate: Callable[[nn.Module], tuple[str, str]], *,
-            sequential: bool) -> list[Row]:
+            calibration: list[Any], evaluate: Callable[[nn.Module], tuple[str, str]], *, quick: bool) -> list[Row]:
     total = n_params(model)
     fidelity, accuracy = evaluate(model)
     rows = [Row(name, "original", "-", 1.0, fidelity, accuracy, None)]
+    variants = VARIANTS[:3] if quick else VARIANTS
     for ratio in ratios:
-        variants: list[tuple[str, dict[str, Any]]] = [
-            ("plain", dict(ranks=ratio)),
-            ("data-aware", dict(ranks=ratio, calibration=calibration)),
-        ]
-        if sequential:
-            variants.append(("data-aware + sequential", dict(ranks=ratio, calibration=calibration,
-                                                             sequential=True)))
         target = None
-        budgets = [("plain + budget", {}), ("data-aware + budget", {})]
-        if sequential:
-            budgets.append(("data-aware + budget + sequential", dict(sequential=True)))
-        for label, kwargs in [*variants, *budgets]:
-            if "budget" in label:
-                kwargs = dict(kwargs, budget=tdnn.Budget(params=target))
-                if label.startswith("data-aware"):
-                    kwargs["calibration"] = calibration
+        for label, options in variants:
+            kwargs = dict(options)
+            kwargs["calibration"] = calibration if kwargs.pop("calibration", True) else None
+            if kwargs.pop("budget", False):
+                kwargs["budget"] = tdnn.Budget(params=target)
+            else:
+                kwargs["ranks"] = ratio
             # CPU time, not wall time: the numbers stay comparable on a shared machine
             start = time.process_time()
             small = tdnn.compress_model(model, filter_fn=filter_fn, **kwargs)
@@ -215,7 +240,7 @@ def compare(name: str, model: nn.Module, ratios: list[float], filter_fn: Callabl
             if label == "plain":
                 target = round(params, 4)
             fidelity, accuracy = evaluate(small)
-            shown = f"Budget({target})" if "budget" in label else f"{ratio}"
+            shown = f"Budget({target})" if "budget" in kwargs else f"{ratio}"
             rows.append(Row(name, label, shown, params, fidelity, accuracy, seconds))
             print(f"  {name} | {label} | {shown} | params {params:.3f} | {fidelity} | {accuracy} | "
                   f"{seconds:.1f} s CPU", flush=True)
@@ -240,14 +265,13 @@ def vision_rows(args: argparse.Namespace) -> list[Row]:
     # 0.02% and 0.05% of the parameters; at half its parameters the classifier would have rank 4
     # for 10 classes, which no initialisation can make agree)
     return compare("ResNet-18 / digits", model, args.vision_ratios, lambda m, n: n.startswith("layer"), calibration,
-                   evaluate, sequential=not args.quick)
+                   evaluate, quick=args.quick)
 
 
 def text_rows(args: argparse.Namespace) -> list[Row]:
     model, tokenizer = load_minilm()
     texts = sentences()
-    n_cal, n_eval = (128, 128) if args.quick else (512, 512)
-    calibration = text_batches(tokenizer, texts[n_eval:n_eval + n_cal])
+    n_eval = 128 if args.quick else 512
     held_out = text_batches(tokenizer, texts[:n_eval])
     reference = embed(model, held_out)
 
@@ -255,8 +279,12 @@ def text_rows(args: argparse.Namespace) -> list[Row]:
         cos = (embed(m.eval(), held_out) * reference).sum(-1)
         return f"cos {cos.mean():.3f} (min {cos.min():.2f})", "-"
 
-    return compare("all-MiniLM-L6-v2", model, args.text_ratios, lambda m, n: n.startswith("encoder."),
-                   calibration, evaluate, sequential=not args.quick)
+    rows = []
+    for n_cal in args.text_calibration:
+        calibration = text_batches(tokenizer, texts[n_eval:n_eval + n_cal])
+        rows += compare(f"all-MiniLM-L6-v2, {n_cal} sentences", model, args.text_ratios,
+                        lambda m, n: n.startswith("encoder."), calibration, evaluate, quick=args.quick)
+    return rows
 
 
 def table(rows: list[Row]) -> str:
@@ -272,14 +300,21 @@ def table(rows: list[Row]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="one ratio, 128 calibration/evaluation samples, no sequential rows")
+                        help="one ratio, fewer calibration/evaluation samples, no sequential or refined rows")
     parser.add_argument("--retrain", action="store_true", help=f"retrain the digits ResNet (cache: {CACHE})")
     parser.add_argument("--vision-ratios", type=float, nargs="+", default=None,
                         help="fraction of each compressed layer's parameters to keep (default 0.5 0.3 0.1)")
     parser.add_argument("--text-ratios", type=float, nargs="+", default=None,
                         help="the same for the text model (default 0.5 0.3)")
-    parser.add_argument("--models", nargs="+", choices=["vision", "text"], default=["vision", "text"])
+    parser.add_argument("--mobilenet-ratios", type=float, nargs="+", default=[0.7],
+                        help="the same for MobileNetV2's 1x1 convolutions and classifier (default 0.7)")
+    parser.add_argument("--text-calibration", type=int, nargs="+", default=None,
+                        help="calibration sentences for the text model (default 512 128)")
+    parser.add_argument("--models", nargs="+", choices=["vision", "mobilenet", "text"],
+                        default=["vision", "mobilenet", "text"])
     args = parser.parse_args()
+    if args.text_calibration is None:
+        args.text_calibration = [128] if args.quick else [512, 128]
     if args.vision_ratios is None:
         args.vision_ratios = [0.5] if args.quick else [0.5, 0.3, 0.1]
     if args.text_ratios is None:
@@ -289,6 +324,8 @@ def main() -> None:
     rows: list[Row] = []
     if "vision" in args.models:
         rows += vision_rows(args)
+    if "mobilenet" in args.models:
+        rows += mobilenet_rows(args)
     if "text" in args.models:
         rows += text_rows(args)
     print()

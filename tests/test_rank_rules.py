@@ -122,7 +122,7 @@ def test_rank_multiple_leaves_explicit_ranks_and_rejects_bad_values():
     net = nn.Sequential(nn.Linear(40, 40))
     assert tdnn.compress_model(net, ranks=5, rank_multiple=8)[0].rank == 5
     for bad in (0, 2.5, True):
-        with pytest.raises(ValueError, match="rank_multiple must be a positive int"):
+        with pytest.raises(ValueError, match="rank_multiple=.* must be a positive int"):
             tdnn.compress_model(net, ranks=0.5, rank_multiple=bad)
 
 

@@ -69,12 +69,27 @@ class FinetuneResult:
     kept: str = ""
 
 
+def _holdout(settings: FinetuneSettings, data: Iterable[Any], held_out: Iterable[Any] | None) -> int:
+    """How many batches of ``data`` to hold out: none when held-out batches are given, or when
+    ``data`` cannot be split soundly (:meth:`EpochData.splittable`) and no count was asked for."""
+    if held_out is not None:
+        return 0
+    count = settings.held_out_batches(data)
+    if count and not EpochData.splittable(data):
+        if settings.holdout:
+            raise ValueError(f"holdout={settings.holdout}: batches cannot be held out of this data soundly (its "
+                             f"sampler may draw any sample in any epoch); give held_out= batches of your own, or "
+                             f"a list of batches or a DataLoader with a plain sampler")
+        return 0
+    return count
+
+
 class _Run:
     """One fine-tuning run: the model on its device, the data, the step, the checkpoints and the position."""
 
     def __init__(self, model: nn.Module, data: Iterable[Any], teacher: nn.Module | None, settings: FinetuneSettings,
-                 *, eval_fn: EvalFn | None, device: Any, distributed: bool | None, checkpoint_dir: Any,
-                 resume: bool) -> None:
+                 *, eval_fn: EvalFn | None, held_out: Iterable[Any] | None, device: Any, distributed: bool | None,
+                 checkpoint_dir: Any, resume: bool) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         settings = settings.resolved(teacher=teacher is not None)
@@ -90,7 +105,7 @@ class _Run:
                              f"(or keep_best='auto': by the loss on batches held out of the data)")
         self.group = ddp.join(device, distributed)
         self.data = EpochData(data, world=self.group.world, rank=self.group.rank, seed=settings.seed,
-                              holdout=settings.held_out_batches(data))
+                              holdout=_holdout(settings, data, held_out), held=held_out)
         try:
             self.per_epoch: int | None = len(self.data)
         except TypeError:
@@ -138,7 +153,7 @@ class _Run:
         self.held.load_optimizer_state(self.step.opt, state["optimizer"])
         self.step.load_state_dict(state)
         self.result = FinetuneResult(state["step"], state["epoch"], list(state["losses"]), list(state["evals"]),
-                                     resumed_from=state["step"])
+                                     resumed_from=state["step"], held_out=list(state.get("held_out", [])))
         self.in_epoch, self.saved_at = state["in_epoch"], state["step"]
         self.best.load_state_dict(state.get("best"))
         rank = self.group.rank
@@ -149,7 +164,7 @@ class _Run:
         self.checkpoints.write({"settings": self.record, "model": self.held.model_state(),
                                 "optimizer": self.held.optimizer_state(self.step.opt), **self.step.state_dict(),
                                 "step": r.steps, "epoch": r.epochs, "in_epoch": self.in_epoch,
-                                "losses": r.losses, "evals": r.evals, "best": self.best.state_dict()},
+                                "losses": r.losses, "evals": r.evals, "held_out": r.held_out, "best": self.best.state_dict()},
                                self.epoch_rng)
         self.saved_at = r.steps
 
@@ -276,7 +291,7 @@ class _Run:
 
 
 def finetune(model: nn.Module, data: Iterable[Any], settings: FinetuneSettings | None = None, *,
-             teacher: nn.Module | None = None, eval_fn: EvalFn | None = None,
+             teacher: nn.Module | None = None, eval_fn: EvalFn | None = None, held_out: Iterable[Any] | None = None,
              checkpoint_dir: str | os.PathLike[str] | None = None, resume: bool = True,
              device: str | torch.device | None = None, distributed: bool | None = None,
              progress: bool = True, **options: Any) -> FinetuneResult:
@@ -310,9 +325,11 @@ def finetune(model: nn.Module, data: Iterable[Any], settings: FinetuneSettings |
         settings: a :class:`FinetuneSettings`; keyword ``options`` override its fields.
         teacher: the reference model for distillation (kept frozen, in eval mode).
         eval_fn: ``model -> value`` called after every epoch (and before training, with
-            ``keep_best``) with the model in eval mode (on every process under ``torchrun``); values
-            are kept in the result and the checkpoint. Evaluate the model it is given: with
-            ``parallel="fsdp"`` that is the sharded copy being trained, not ``model``.
+            ``keep_best="max"|"min"``) with the model in eval mode (on every process under
+            ``torchrun``); values are kept in the result and the checkpoint. Evaluate the model it
+            is given: with ``parallel="fsdp"`` that is the sharded copy being trained, not ``model``.
+        held_out: batches to judge the weights by (``keep_best="auto"``) instead of batches held
+            out of ``data``; never trained on.
         checkpoint_dir: directory for ``last.pt``; enables resume. Checked for writing at once.
         resume: continue from ``checkpoint_dir/last.pt`` when it exists; ``False`` starts afresh
             and overwrites it (never a file tdnn did not write).
@@ -337,10 +354,16 @@ def finetune(model: nn.Module, data: Iterable[Any], settings: FinetuneSettings |
             - ``max_grad_norm``: clip the gradient norm; ``checkpoint_every``: also checkpoint
               every this many steps; ``seed`` (0): the data order per epoch;
             - ``amp``: mixed precision (float16 autocast and gradient scaling); default on for CUDA;
-            - ``keep_best``: with ``eval_fn`` returning a number, ``"max"`` (an accuracy) or ``"min"``
-              (a loss, a perplexity) restores the weights of the best evaluation at the end, the
-              weights before training included, so fine-tuning never leaves the model worse by that
-              measure (``None``, the default: the last weights);
+            - ``keep_best`` (``"auto"``): the run ends with the best weights by a measure, the
+              weights before training included, so fine-tuning never leaves the model worse by it —
+              also when it ends in an error (a NaN loss, an interrupt). ``"auto"`` holds batches
+              out of ``data`` (never trained on; ``holdout`` of them, by default one per 8 batches,
+              1 to 4, none below 4; only from a list of batches or a DataLoader with a plain
+              sampler, or pass ``held_out=``) and keeps the weights with the lowest KL to the
+              teacher at T=1 there (without a teacher, the label loss), measured before training,
+              after each epoch and at a step limit; ``"max"`` (an accuracy) or ``"min"`` (a loss)
+              keep the best by ``eval_fn``; ``None`` keeps the last weights. The result says which
+              were kept and why (``kept``);
             - ``freeze_batchnorm``: BatchNorm layers keep their running statistics (eval mode),
               by default when distilling from a teacher;
             - ``trainable`` (``"all"``): ``"factorized"`` trains only the factors of factorized
@@ -374,14 +397,16 @@ def finetune(model: nn.Module, data: Iterable[Any], settings: FinetuneSettings |
         >>> student = tdnn.compress_model(teacher, ranks=0.25)
         >>> batches = [torch.randn(16, 32) for _ in range(8)]    # unlabelled inputs
         >>> res = tdnn.finetune(student, batches, teacher=teacher, epochs=3, lr=0.05, progress=False)
-        >>> res.steps, res.losses[-1] < res.losses[0]
-        (24, True)
+        >>> res.steps, res.losses[-1] < res.losses[0]   # one batch of the 8 held out, never trained on
+        (21, True)
+        >>> res.held_out[-1] < res.held_out[0], res.kept.startswith("the weights at step")
+        (True, True)
     """
     known = {f.name for f in dataclasses.fields(FinetuneSettings)}
     unknown = sorted(set(options) - known)
     if unknown:
         raise TypeError(f"finetune: unknown option {unknown[0]!r}; the settings are {', '.join(sorted(known))}")
     settings = dataclasses.replace(settings or FinetuneSettings(), **options)
-    run = _Run(model, data, teacher, settings, eval_fn=eval_fn, device=device, distributed=distributed,
-               checkpoint_dir=checkpoint_dir, resume=resume)
+    run = _Run(model, data, teacher, settings, eval_fn=eval_fn, held_out=held_out, device=device,
+               distributed=distributed, checkpoint_dir=checkpoint_dir, resume=resume)
     return run.loop(progress)

@@ -67,17 +67,19 @@ class EpochData:
 
     With ``holdout`` batches held out, those are never trained on: for a reshardable loader, that
     many batches' worth of samples drawn once by ``seed`` (:attr:`held`, batched as the loader
-    batches); for any other data, its first ``holdout`` batches. :attr:`held` is the same, whole,
-    on every process.
+    batches); for a list or tuple of batches, its first ``holdout`` batches (:meth:`splittable`
+    says which data can be split). Batches given as ``held`` are the held-out slice instead.
+    :attr:`held` is the same, whole, on every process.
     """
 
-    def __init__(self, data: Iterable[Any], *, world: int, rank: int, seed: int, holdout: int = 0) -> None:
+    def __init__(self, data: Iterable[Any], *, world: int, rank: int, seed: int, holdout: int = 0,
+                 held: Iterable[Any] | None = None) -> None:
         if isinstance(data, Iterator):
             raise TypeError("data must be re-iterable (a DataLoader, a list of batches, ...), not an "
                             "iterator or generator that is used up after one pass")
         self.data, self.world, self.rank, self.seed, self.holdout = data, world, rank, seed, holdout
         self.loader = data if self._reshardable(data) else None
-        self.held: list[Any] = []
+        self.held: list[Any] = [] if held is None else list(held)
         if self.loader is not None:
             self.batch = self.loader.batch_size
             if self.batch % world:
@@ -100,6 +102,12 @@ class EpochData:
             held = Subset(src.dataset, sorted(order[:k]))
             self.held = list(DataLoader(held, batch_size=self.batch, collate_fn=src.collate_fn))
         return sorted(order[k:]) if k else list(range(n))
+
+    @classmethod
+    def splittable(cls, data: Any) -> bool:
+        """Whether batches can be held out of ``data`` soundly: the same samples every epoch (a
+        reshardable loader, or a list or tuple of batches; a sampler of its own may draw any sample)."""
+        return cls._reshardable(data) or isinstance(data, (list, tuple))
 
     @staticmethod
     def _reshardable(data: Any) -> bool:

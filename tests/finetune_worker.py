@@ -1,12 +1,13 @@
 """A fine-tuning run as its own process, for tests that kill it or launch it under torchrun.
 
-    python tests/finetune_worker.py OUT [--checkpoint-dir DIR] [--kill-after N] [--dropout]
+    python tests/finetune_worker.py OUT [--checkpoint-dir DIR] [--kill-after N] [--slow SECONDS] [--dropout]
     python -m torch.distributed.run --nproc_per_node=2 tests/finetune_worker.py OUT [--parallel fsdp]
     python tests/finetune_worker.py OUT --llama [--parallel fsdp]
 
 Trains a compressed MLP on scikit-learn's digits (labels + distillation from the dense MLP) and
 writes the final weights to OUT (rank 0); ``--llama`` distils a tiny tied-embedding LLaMA instead. ``--kill-after N`` SIGKILLs the process when the N-th
-sample is fetched: no cleanup, no exception handlers, as when a job is preempted.
+sample is fetched: no cleanup, no exception handlers, as when a job is preempted. ``--slow SECONDS``
+sleeps at every sample fetched, so that another process can meet the run under way.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import contextlib
 import os
 import signal
+import time
 from collections.abc import Iterator
 
 import torch
@@ -29,9 +31,9 @@ from models import digits, digits_mlp, tiny_llama  # tests/ is on sys.path: pyte
 class Digits(Dataset):
     """scikit-learn's 8×8 digits as flat float vectors in [0, 1]."""
 
-    def __init__(self, kill_after: int | None = None) -> None:
+    def __init__(self, kill_after: int | None = None, slow: float = 0.0) -> None:
         self.x, self.y = digits()
-        self.kill_after, self.fetched = kill_after, 0
+        self.kill_after, self.slow, self.fetched = kill_after, slow, 0
 
     def __len__(self) -> int:
         return len(self.y)
@@ -40,6 +42,7 @@ class Digits(Dataset):
         self.fetched += 1
         if self.kill_after is not None and self.fetched >= self.kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(self.slow)
         return self.x[i], self.y[i]
 
 
@@ -67,12 +70,12 @@ def assert_plain(model: nn.Module) -> None:
     assert all(type(t) in (torch.Tensor, nn.Parameter) for t in model.state_dict().values())
 
 
-def train(*, checkpoint_dir: str | None = None, kill_after: int | None = None,
+def train(*, checkpoint_dir: str | None = None, kill_after: int | None = None, slow: float = 0.0,
           dropout: bool = False, epochs: int = 2, parallel: str = "ddp") -> dict[str, torch.Tensor]:
     """Run the fine-tuning on one thread; return the student's final state dict."""
     with one_thread():
         student, teacher = build(dropout)
-        data = DataLoader(Digits(kill_after), batch_size=64, shuffle=True)
+        data = DataLoader(Digits(kill_after, slow), batch_size=64, shuffle=True)
         tdnn.finetune(student, data, teacher=teacher, epochs=epochs, lr=0.05, progress=False,
                       checkpoint_dir=checkpoint_dir, checkpoint_every=5 if checkpoint_dir else None,
                       parallel=parallel)
@@ -109,6 +112,7 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--checkpoint-dir")
     parser.add_argument("--kill-after", type=int)
+    parser.add_argument("--slow", type=float, default=0.0, help="seconds to sleep at each sample fetched")
     parser.add_argument("--dropout", action="store_true")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--parallel", default="ddp")
@@ -117,8 +121,8 @@ def main() -> None:
     if args.llama:
         state = train_llama(args.parallel)
     else:
-        state = train(checkpoint_dir=args.checkpoint_dir, kill_after=args.kill_after, dropout=args.dropout,
-                      epochs=args.epochs, parallel=args.parallel)
+        state = train(checkpoint_dir=args.checkpoint_dir, kill_after=args.kill_after, slow=args.slow,
+                      dropout=args.dropout, epochs=args.epochs, parallel=args.parallel)
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save(state, args.out)
 

@@ -211,6 +211,17 @@ def gpt2():
     return transformers.GPT2LMHeadModel(config).eval()
 
 
+# -- fuzzing -------------------------------------------------------------------------------------
+
+def json_values():
+    """A hypothesis strategy: small JSON values of every type, nested a little."""
+    from hypothesis import strategies as st
+
+    scalars = st.none() | st.booleans() | st.integers(-3, 10 ** 12) | st.floats(allow_nan=False) | st.text(max_size=6)
+    return st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
+                        | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6)
+
+
 # -- before and after ----------------------------------------------------------------------------
 
 def snapshot(model):

@@ -1,5 +1,6 @@
 """Data-aware initialisation: whitening by input statistics, BatchNorm scaling, sequential mode,
-damping; hostile calibration data (non-finite values, wrong containers, a fuzz of both)."""
+damping; a kept Calibration serves only the model it was collected on; block capture; hostile
+calibration data (non-finite values, wrong containers, a fuzz of both) and settings."""
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import tdnn
 from tdnn.algebra.whitening import Whitening
 from tdnn.statistics import moments
 from tdnn.statistics.hooks import collect
-from models import Twice, calib_net, dead_units, snapshot, unchanged
+from models import Twice, calib_net, dead_units, snapshot, tiny_llama, tiny_llama_tokens, unchanged
 
 torch.manual_seed(0)
 
@@ -268,6 +269,46 @@ def test_a_kept_calibration_serves_a_sweep_with_one_pass():
     assert sum(calls) == 2 * samples  # other weights: collected again, not reused
 
 
+def deep_mlp():
+    """16 -> 48 -> 48 -> 4, seeded; weights on a grid of 1/1024, so that sums of them are exact in any order."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(), nn.Linear(48, 4)).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.round(p * 1024) / 1024)
+    return net
+
+
+def permute_hidden_units(net):
+    """The same function with layer 0's units reordered: layer 2 reads its inputs permuted, and each
+    weight keeps its shape, sum and sum of squares."""
+    perm = torch.randperm(48, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        net[0].weight.copy_(net[0].weight[perm])
+        net[0].bias.copy_(net[0].bias[perm])
+        net[2].weight.copy_(net[2].weight[:, perm])
+
+
+UPSTREAM_CHANGES = {
+    "layer re-initialised": lambda net: (torch.manual_seed(5), net[0].reset_parameters()),
+    "bias changed in place": lambda net: net[0].bias.data.add_(0.5),
+    "hidden units permuted": permute_hidden_units,
+}
+
+
+@pytest.mark.parametrize("change", list(UPSTREAM_CHANGES))
+def test_a_kept_calibration_recollects_when_an_upstream_layer_changes(change):
+    # layers 2 and 4 read what the dense layer 0 computes; their own weights stay as they were
+    net, batches = deep_mlp(), [correlated(64, 16, seed=s).float() for s in range(2)]
+    ranks, data = {"2": 0.25, "4": 0.25}, tdnn.Calibration(batches)
+    tdnn.compress_model(net, ranks=ranks, calibration=data)
+    UPSTREAM_CHANGES[change](net)
+    reused = tdnn.compress_model(net, ranks=ranks, calibration=data)
+    fresh = tdnn.compress_model(net, ranks=ranks, calibration=batches)
+    x = correlated(32, 16, seed=9).float()
+    assert output_error(reused, net, x) == output_error(fresh, net, x)
+
+
 def test_layers_sharing_one_batch_keep_their_own_statistics():
     net = _QKV()
     x = correlated(64, 16, seed=0)
@@ -354,7 +395,96 @@ def test_sequential_mode_calibrates_a_layer_called_twice_on_both_calls():
         assert (small(x) - model(x)).norm() <= 1.05 * (one_shot(x) - model(x)).norm()
 
 
+# -- block capture -------------------------------------------------------------------------------
+
+class CallsABlockAgain(nn.Module):
+    """Two blocks and nothing outside them, then the first block once more."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(2))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.blocks[0](x)
+
+
+def test_a_block_called_again_after_the_last_one_is_seen():
+    model, x = CallsABlockAgain(), torch.randn(64, 16)
+    with pytest.raises(ValueError, match=r"^blocks: blocks.0 ran 2 times on calibration batch 0; .*or blocks=\[\] to "
+                                         r"calibrate the whole model in one pass"):
+        tdnn.compress_model(model, ranks=0.5, calibration=[x])
+    small = tdnn.compress_model(model, ranks=0.5, calibration=[x], blocks=[])
+    assert [e.data_aware for e in small.tdnn_plan.factorized()] == [True, True]
+
+
+class DictBlocks(nn.Module):
+    """Blocks found on their own (a ModuleList) that return a dict."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return {"hidden": torch.tanh(self.linear(x))}
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(self.Block() for _ in range(2))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)["hidden"]
+        return self.head(x)
+
+
+@pytest.mark.parametrize("model, blocks, error, match", [
+    (dead_units, "re:[", ValueError, r"blocks='re:\[': invalid regular expression"),
+    (dead_units, 123, TypeError, r"blocks must be a module name, a list of names, a 're:' pattern or None, got 123"),
+    (DictBlocks, None, TypeError, (r"blocks: blocks.0 returned a dict, not a tensor or a tuple starting with one; "
+                                   r".*or blocks=\[\] to calibrate in one pass")),
+], ids=["bad pattern", "not names", "dict output"])
+def test_bad_blocks_are_named(model, blocks, error, match):
+    with pytest.raises(error, match=match):
+        tdnn.compress_model(model(), ranks=0.5, calibration=[torch.randn(8, 16)], blocks=blocks)
+
+
 # -- hostile calibration data ------------------------------------------------------------------
+
+@pytest.mark.parametrize("model, batch, match", [
+    (dead_units, torch.empty(4, 16, device="meta"), r"calibration batch 0 holds tensors on the meta device"),
+    (tiny_llama, tiny_llama_tokens(0, pad=12), r"calibration: every batch's attention_mask is all zeros"),
+], ids=["meta", "all padding"])
+def test_calibration_without_values_is_named(model, batch, match):
+    with pytest.raises(ValueError, match=match):
+        tdnn.compress_model(model(), ranks=0.5, calibration=[batch])
+
+
+@pytest.mark.parametrize("measure", ["params", "flops"])
+def test_a_budget_with_no_layer_selected_says_why(measure):
+    with pytest.raises(ValueError, match=rf"^Budget\(.*{measure}=0.5.*\): no layer is left to allocate ranks to "
+                                         r"\(2 layers: excluded by filter_fn\)"):
+        tdnn.compress_model(dead_units(), budget=tdnn.Budget(**{measure: 0.5}), calibration=[torch.randn(8, 16)],
+                            filter_fn=lambda module, name: False)
+
+
+def test_a_decompose_of_the_users_that_fails_names_the_layer():
+    class Broken(tdnn.SVDLinear, method="broken", kind="Linear"):
+        def _decompose(self, parts):
+            raise RuntimeError("boom")
+
+    try:
+        with pytest.raises(ValueError, match=r"^0: \S*Broken\._decompose failed at rank 4 \(RuntimeError: boom\)"):
+            tdnn.compress_model(dead_units(), ranks=4, method="broken", calibration=[torch.randn(8, 16)])
+    finally:
+        tdnn.registry.unregister_method("broken")
+
+
 
 def conv_net():
     torch.manual_seed(0)

@@ -1,5 +1,7 @@
-"""YAML configs: the shipped files load and compress; every kind of mistake names the file and key."""
+"""YAML configs: the shipped files load and compress; every kind of mistake names the file and key;
+hostile files (alias bombs, huge values) are refused at once with a short message."""
 
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.ya
 
 def write(tmp_path, text, name="cfg.yaml"):
     path = tmp_path / name
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     return path
 
 
@@ -112,10 +114,42 @@ def test_new_settings_are_accepted_without_edits():
     ("- compress\n", ValueError, r"cfg\.yaml: a config must be a mapping"),
     ("", ValueError, r"cfg\.yaml: a config must be a mapping"),
     ("compress: 0.5\n", ValueError, r"cfg\.yaml: 'compress' must be a mapping"),
+    ("compress:\n  ranks:\n    ? [fc, conv1]\n    : 0.5\n", ValueError,
+     r"cfg\.yaml: invalid YAML at line 3, column 7: a key must be a name or a number, got a list"),
+    ("compress:\n  ranks: 0.5\n  # na\xefve\n".encode("latin-1"), ValueError, r"cfg\.yaml: not UTF-8 text \(byte 29\)"),
 ])
 def test_config_errors_name_file_and_key(tmp_path, text, error, match):
     with pytest.raises(error, match=match):
         tdnn.load_config(write(tmp_path, text))
+
+
+def alias_bomb(depth=9):
+    """``&a0 [1 × 9]``, ``&a1 [a0, *a0 × 8]``, ... ``&a{depth-1}``: a few hundred bytes that stand for 9**depth values."""
+    level = "&a0 [" + ", ".join(["1"] * 9) + "]"
+    for k in range(1, depth):
+        level = f"&a{k} [{level}" + f", *a{k - 1}" * 8 + "]"
+    return level
+
+
+@pytest.mark.parametrize("value, match", [
+    (alias_bomb(), r"cfg\.yaml: its aliases expand to more than 10000 values"),
+    ("[" + ", ".join(map(str, range(5000))) + "]", r"cfg\.yaml: 'compress\.damping' must be float, got \[0, 1, "),
+], ids=["alias bomb", "long list"])
+def test_a_huge_value_is_refused_at_once_in_a_short_message(tmp_path, value, match):
+    start = time.perf_counter()
+    with pytest.raises((ValueError, TypeError), match=match) as err:
+        tdnn.load_config(write(tmp_path, f"compress:\n  ranks: 0.5\n  damping: {value}\n"))
+    assert time.perf_counter() - start < 3 and len(str(err.value)) < 300
+
+
+def test_merge_keys_are_standard_yaml(tmp_path):
+    cfg = tdnn.load_config(write(tmp_path, """
+compress:
+  ranks:
+    "0": &spec {rank: 8, method: svd}
+    "2": {<<: *spec, rank: 4}
+"""))
+    assert cfg.compress["ranks"] == {"0": {"rank": 8, "method": "svd"}, "2": {"rank": 4, "method": "svd"}}
 
 
 def test_budget_mapping_becomes_a_budget(tmp_path):

@@ -1,5 +1,6 @@
 """finetune: labels, distillation, exact resume (in process, after SIGKILL, with samplers drawing from
-the global RNG), torchrun DDP and FSDP2, checkpoints that are unwritable, damaged or not ours."""
+the global RNG), torchrun DDP and FSDP2, checkpoints that are unwritable, damaged, not ours, written
+for another model or other data, or in use by another run."""
 
 import contextlib
 import importlib.util
@@ -11,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -374,10 +376,13 @@ def test_resume_is_exact_with_samplers_drawing_from_the_global_rng(sampler, tmp_
 
 # -- checkpoints: unwritable, damaged, not ours ------------------------------------------------
 
-def tiny_run(directory, **kwargs):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 3))
-    data = [(torch.randn(4, 6), torch.randint(0, 3, (4,))) for _ in range(3)]
+def tiny_run(directory, *, seed=0, data_seed=0, model=None, **kwargs):
+    """A 6 -> 3 classifier (weights from ``seed``, unless ``model`` is given) fine-tuned on 3 batches
+    (from ``data_seed``), checkpointed in ``directory``."""
+    torch.manual_seed(seed)
+    model = model if model is not None else nn.Sequential(nn.Linear(6, 3))
+    g = torch.Generator().manual_seed(data_seed)
+    data = [(torch.randn(4, 6, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(3)]
     return tdnn.finetune(model, data, checkpoint_dir=directory, progress=False, **kwargs)
 
 
@@ -427,3 +432,51 @@ def test_resume_false_never_overwrites_a_file_tdnn_did_not_write(tmp_path):
     assert (tmp_path / "last.pt").read_text() == "my notes"
     tiny_run(tmp_path / "mine")
     assert tiny_run(tmp_path / "mine", resume=False).resumed_from is None  # its own file: overwritten
+
+
+# -- resuming what was started from other weights or data; two runs on one directory -----------
+
+OTHER_RUNS = {  # what a second run on the same checkpoint_dir changes, and what the refusal says
+    "another model of the same shapes": (lambda: {"seed": 1}, "another model"),
+    "other data of the same length": (lambda: {"data_seed": 1}, "other data"),
+    "another architecture": (lambda: {"model": nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3))},
+                             "another model"),
+}
+
+
+@pytest.mark.parametrize("case", list(OTHER_RUNS))
+def test_a_checkpoint_is_resumed_only_by_the_run_it_was_written_for(tmp_path, case):
+    other, what = OTHER_RUNS[case]
+    tiny_run(tmp_path, epochs=2)
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'last.pt'}: was written for {what} .* than this run's; "
+                                         r".*pass resume=False"):
+        tiny_run(tmp_path, epochs=2, **other())
+    assert tiny_run(tmp_path, epochs=2, resume=False, **other()).steps > 0
+
+
+def test_an_eval_fn_may_return_a_numpy_number():
+    scores = iter(np.arange(1, 10, dtype=np.float32))  # better at every evaluation
+    result = tiny_run(None, epochs=2, eval_fn=lambda model: next(scores), keep_best="max")
+    assert result.best_step == result.steps > 0 and result.best_eval == 3.0  # before training, after each epoch
+
+
+@pytest.mark.slow  # two training processes
+def test_a_second_run_on_one_checkpoint_dir_is_refused_and_the_first_unharmed(tmp_path, single_process_weights):
+    # started together, slowed (~7 s of training): whichever locks the directory first trains, the
+    # other is refused at once naming it, and the first ends as a run on its own does
+    ckpt = tmp_path / "ckpt"
+    runs = [subprocess.Popen([sys.executable, str(WORKER), str(tmp_path / f"{i}.pt"), "--checkpoint-dir", str(ckpt),
+                              "--slow", "0.002"], env=ENV, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        errors = [run.communicate(timeout=120)[1] for run in runs]
+    finally:
+        for run in runs:
+            run.kill()
+    codes = [run.returncode for run in runs]
+    assert sorted(codes) == [0, 1], errors
+    first, second = codes.index(0), codes.index(1)
+    assert f"checkpoint_dir {ckpt} is in use by process {runs[first].pid}" in errors[second], errors[second]
+    assert not (tmp_path / f"{second}.pt").exists()
+    trained = worker_weights(tmp_path / f"{first}.pt")
+    for name in single_process_weights:
+        assert torch.equal(trained[name], single_process_weights[name]), name

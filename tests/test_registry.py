@@ -1,5 +1,6 @@
 """The registry as a user extends it from outside the package: a method of their own, a layer kind
-of their own; and what the package reads off it (config, CLI, load)."""
+of their own; and what the package reads off it (config, CLI, load). Replacing a built-in takes
+``replace=True``; a registry left with nothing to compress says so."""
 
 import pytest
 import torch
@@ -121,3 +122,63 @@ def test_the_cli_lists_the_registry(capsys, randproj):
     for method, kind, cls in tdnn.registry.forms():
         assert any(line.split()[:3] == [method, kind, cls.__name__] for line in out.splitlines())
     assert "randproj" in out and "Conv1d" in out
+
+
+# -- hazards: replacing built-ins, a registry with nothing left ----------------------------------
+
+@pytest.fixture
+def registry_restored():
+    """Undo whatever the test did to the registry (kinds and forms added, replaced or removed)."""
+    registry = tdnn.registry
+    kinds, forms = registry.kinds(), list(registry.forms())
+    yield registry
+    for kind in registry.kinds():
+        if kind not in kinds:
+            registry.unregister_kind(kind.name)
+    for kind in kinds:
+        if kind not in registry.kinds():
+            registry.register_kind(kind, replace=True)
+    for method, kind, cls in list(registry.forms()):
+        if (method, kind, cls) not in forms:
+            registry.unregister_method(method, kind)
+    for _, _, cls in forms:
+        registry.register_method(cls, replace=True)
+
+
+def svd_of_linear():
+    return tdnn.registry.factorized_class(nn.Linear(2, 2), "svd")
+
+
+def test_a_class_named_like_a_builtin_replaces_it_only_when_asked(registry_restored):
+    with pytest.raises(ValueError, match=r"method 'svd' for Linear layers is tdnn\.\S+\.SVDLinear already; declare "
+                                         r"the class with replace=True"):
+        class SVDLinear(tdnn.SVDLinear, method="svd", kind="Linear"):
+            __qualname__ = "SVDLinear"  # as a user's module-level class is named
+    assert svd_of_linear() is tdnn.SVDLinear
+
+    class MySVD(tdnn.SVDLinear, method="svd", kind="Linear", replace=True):
+        pass
+
+    assert svd_of_linear() is MySVD and type(tdnn.compress_model(mlp(), ranks=0.5)[0]) is MySVD
+
+
+def test_a_registry_that_leaves_nothing_to_compress_says_why(registry_restored):
+    registry_restored.unregister_method("svd", "Linear")
+    with pytest.raises(ValueError, match=r"Sequential: nothing to compress: no registered method has a form for its "
+                                         r"Linear layers under method 'auto' .*was a method or kind unregistered\?"):
+        tdnn.compress_model(mlp(), ranks=0.5)
+
+
+@pytest.mark.parametrize("name", [None, "MyLinear"])
+def test_a_second_kind_for_one_dense_type_is_refused(registry_restored, name):
+    with pytest.raises(ValueError, match=r"Linear layers already have the kind .*Declare it with replace=True"):
+        class MyLinearKind(LayerKind, dense_type=nn.Linear, name=name):
+            pass
+    assert type(tdnn.compress_model(mlp(), ranks=0.5)[0]) is tdnn.SVDLinear  # Linear layers keep their methods
+
+
+@pytest.mark.parametrize("cls", [nn.Linear, tdnn.Factorized, int])
+def test_only_a_factorized_class_with_method_and_kind_registers(registry_restored, cls):
+    with pytest.raises(TypeError, match=r"register_method takes a tdnn.Factorized subclass declared with method= "
+                                        r"and kind=, got "):
+        registry_restored.register_method(cls)

@@ -1,7 +1,9 @@
-"""tdnn.sweep: budgets in one calibration pass, the Pareto front, fidelity, layer errors, `tdnn sweep`."""
+"""tdnn.sweep: budgets in one calibration pass, the Pareto front, fidelity, layer errors, `tdnn sweep`;
+numpy numbers and single names where sequences are expected, inputs and originals that do not fit."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -175,11 +177,41 @@ def test_layer_errors_measure_each_layer_on_its_own_input():
     ({"ranks": 0.5}, TypeError, "unexpected option 'ranks'"),
     ({"calibration": torch.randn(4, 8)}, TypeError, r"for one batch x pass calibration=\[x\]"),
     ({"calibration": None, "inputs": None}, ValueError, "give inputs="),
+    ({"inputs": [torch.randn(4, 9)]}, ValueError, r"inputs batch 0: the model failed on it \(RuntimeError: "),
 ])
 def test_bad_arguments_are_named(kwargs, error, match):
-    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     with pytest.raises(error, match=match):
-        tdnn.sweep(net, **{"calibration": [torch.randn(8, 8)], **kwargs})
+        tdnn.sweep(mlp8(), **{"calibration": [torch.randn(8, 8)], **kwargs})
+
+
+def mlp8():
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+@pytest.mark.parametrize("targets", [(np.float32(0.3), np.float64(0.6)), np.array([0.3, 0.6], dtype=np.float32)],
+                         ids=["scalars", "array"])
+def test_numpy_targets_are_fractions(targets):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16))
+    result = tdnn.sweep(net, targets=targets, calibration=[torch.randn(16, 32)], latency=False)
+    assert [type(r.target) for r in result.rows[1:]] == [float, float]
+    assert [r.target for r in result.rows[1:]] == pytest.approx([0.3, 0.6])
+    assert result.rows[1].param_ratio < result.rows[2].param_ratio < 1
+
+
+def test_one_method_or_mode_is_one_name_not_its_letters():
+    result = tdnn.sweep(mlp8(), targets=(0.5,), methods="svd", modes="plain", inputs=[torch.randn(8, 8)],
+                        calibration=None, latency=False)
+    assert [r.label for r in result.rows] == ["original", "plain svd"]
+
+
+def test_layer_errors_refuse_an_original_the_model_was_not_compressed_from():
+    net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))
+    small = tdnn.compress_model(net, ranks=0.5)
+    unrelated = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 4))
+    with pytest.raises(ValueError, match=r"layer_errors: 0: the original has no Linear\(in_features=32, "
+                                         r"out_features=64, bias=True\) there; pass the dense model"):
+        tdnn.layer_errors(unrelated, small, [torch.randn(4, 32)])
 
 
 def test_evaluate_must_return_a_number():
@@ -203,6 +235,16 @@ def test_cli_sweep_prints_the_table_and_writes_the_plot(tmp_path, capsys):
     assert plot.read_text().lstrip().startswith("<?xml") and "<svg" in plot.read_text()
     assert main(["sweep", str(config), "--model", "models:small_resnet", "--methods", "qr"]) == 2
     assert "unknown method 'qr'" in capsys.readouterr().err
+
+
+def test_cli_sweep_checks_the_plot_path_before_the_sweep(tmp_path, capsys, monkeypatch):
+    swept = []
+    monkeypatch.setattr(tdnn, "sweep", lambda *args, **kwargs: swept.append(1) or pytest.fail("the sweep ran"))
+    config = tmp_path / "sweep.yaml"
+    config.write_text("compress:\n  method: svd\n  ranks: 0.5\n")
+    assert main(["sweep", str(config), "--model", "models:small_resnet", "--data", "digits", "--image-size", "16",
+                 "--calibration-batches", "1", "--plot", str(tmp_path / "x.jpg"), "--no-progress"]) == 2
+    assert "x.jpg': give a file ending in .png, .svg, .pdf" in capsys.readouterr().err and swept == []
 
 
 def test_cli_sweep_help(capsys):

@@ -242,8 +242,9 @@ def compare(name: str, model: nn.Module, ratios: list[float], filter_fn: Callabl
             fidelity, accuracy = evaluate(small)
             shown = f"Budget({target})" if "budget" in kwargs else f"{ratio}"
             rows.append(Row(name, label, shown, params, fidelity, accuracy, seconds))
+            checked = getattr(small.tdnn_plan, "allocation", None)  # which allocation the budget's check chose
             print(f"  {name} | {label} | {shown} | params {params:.3f} | {fidelity} | {accuracy} | "
-                  f"{seconds:.1f} s CPU", flush=True)
+                  f"{seconds:.1f} s CPU" + (f" | allocation {checked}" if checked else ""), flush=True)
     return rows
 
 

@@ -146,7 +146,7 @@ def run_row(key: str, args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     small = tdnn.compress_model(dense, filter_fn=is_decoder, calibration=calibration, **kwargs)
     row |= dict(compress_s=time.perf_counter() - start, peak_gib=rss_gib(), params=n_params(small),
-                refined=small.tdnn_plan.blocks)
+                refined=small.tdnn_plan.blocks, allocation=small.tdnn_plan.allocation)
     if setting.distill:
         row |= distill(small, dense, rest, args.finetune_steps)
     return row | evaluate(small.eval(), dense, held_out)

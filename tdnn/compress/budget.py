@@ -25,12 +25,13 @@ from tdnn.layers import walk
 from tdnn.layers.base import Factorized
 from tdnn.planning.cost import Measure, layer_cost, model_flops, timing_weights
 from tdnn.planning.plan import LayerJob
-from tdnn.planning.ranks import rank_levels
+from tdnn.planning.ranks import rank_for_ratio, rank_levels, saves
 
 LEVELS = 128  # candidate ranks per layer; steps of <1% of a layer keep the total within 1%
 TIMED_LEVELS = 8  # for a latency budget, ranks whose latency is measured per layer
 LATENCY_ROUNDS = 4  # whole-model measurements a latency budget may take to land on its target
 LATENCY_TOLERANCE = 0.05
+UNIFORM_STEPS = 24  # bisection steps of the uniform fraction: within 1e-7 of the largest that fits
 
 
 @dataclass(frozen=True)
@@ -141,10 +142,8 @@ def assign(model: nn.Module, jobs: list[LayerJob], budget: Budget, *, batch: Any
                     j.input_shape, weights[j.name]) for j in jobs]
     offered = sum(layer_cost(measure, o.layer, input_shape=o.input_shape, clock=clock) for o in offers)
     deployed = None  # the dense model as deployed, for a latency budget
-    if measure is Measure.PARAMS:
-        total = sum(p.numel() for p in model.parameters())
-    elif measure is Measure.FLOPS:
-        total = model_flops(model, batch)
+    if measure is not Measure.LATENCY:
+        total = whole_cost(model, measure, batch)
     else:  # the whole model's latency as deployed (BatchNorm folded, faster layouts): at least its layers
         deployed = optimize_for_inference(model, batch, timer=clock)
         total = max(clock({"model": deployed}, batch, warmup=1, repeats=5)["model"], offered)
@@ -158,6 +157,36 @@ def assign(model: nn.Module, jobs: list[LayerJob], budget: Budget, *, batch: Any
         trial = _Trial(model, deployed, jobs, batch, clock)
         ranks = on_target(trial, ranks, at, budget.fraction)
     return ranks
+
+
+def whole_cost(model: nn.Module, measure: Measure, batch: Any) -> float:
+    """The dense model's parameters, or its FLOPs on ``batch``."""
+    return sum(p.numel() for p in model.parameters()) if measure is Measure.PARAMS else model_flops(model, batch)
+
+
+def uniform(model: nn.Module, jobs: list[LayerJob], budget: Budget, *, batch: Any, multiple: int) -> list[Any] | None:
+    """Ranks keeping the same fraction of every job's parameters (:func:`tdnn.planning.ranks.rank_for_ratio`;
+    ``None``: dense where that saves none), the largest fraction at which the whole model meets a
+    parameter or FLOP ``budget``; ``None`` for a latency budget, or if even the smallest ranks miss it."""
+    measure = budget.measure
+    if measure is Measure.LATENCY:
+        return None
+    total = whole_cost(model, measure, batch)
+    dense = [layer_cost(measure, j.module, input_shape=j.input_shape) for j in jobs]
+    target = budget.fraction * total - (total - sum(dense))
+
+    def at(fraction: float) -> tuple[list[Any], float]:
+        ranks = [rank_for_ratio(j.cls, j.module, fraction, multiple) for j in jobs]
+        ranks = [r if saves(j.cls, j.module, r) else None for j, r in zip(jobs, ranks)]
+        return ranks, sum(d if r is None else layer_cost(measure, j.module, j.cls, r, j.input_shape)
+                          for j, r, d in zip(jobs, ranks, dense))
+
+    low, high = 0.0, 1.0
+    for _ in range(UNIFORM_STEPS):  # the cost grows with the fraction: bisect
+        middle = (low + high) / 2
+        low, high = (middle, high) if at(middle)[1] <= target else (low, middle)
+    ranks, spent = at(low)
+    return ranks if spent <= target else None
 
 
 @dataclass

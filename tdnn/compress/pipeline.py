@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from tdnn.compress.allocation import HOLD_OUT, check, unchecked
 from tdnn.compress.budget import assign
 from tdnn.compress.select import accept, own_rank, select, why_none
 from tdnn.compress.settings import CompressSettings, make_settings
@@ -71,12 +72,16 @@ class _Factorizer:
 
     def replace(self, name: str, stats: InputStats) -> None:
         job = self.jobs[name]
-        if job.cls is None:
-            return
-        new = job.cls.from_dense(job.module, job.entry.rank, name=name, whitening=stats.whitening(self.damping))
+        if job.cls is not None:
+            self.put(name, job.cls.from_dense(job.module, job.entry.rank, name=name,
+                                              whitening=stats.whitening(self.damping)), stats.input_shape)
+
+    def put(self, name: str, new: Factorized, input_shape: tuple[int, ...]) -> None:
+        """Swap ``new``, the data-aware factorized form of layer ``name``, in (unless it is slower)."""
+        job = self.jobs[name]
         job.entry.data_aware = True
         old, job.module = job.module, None  # the dense layer is not needed any more: let it go once swapped out
-        if self.timer is None or self._faster(job, old, new, stats.input_shape):
+        if self.timer is None or self._faster(job, old, new, input_shape):
             self.swap(old, new)
 
     def _faster(self, job: LayerJob, dense: nn.Module, new: Factorized, input_shape: tuple[int, ...]) -> bool:
@@ -90,28 +95,53 @@ class _Factorizer:
 
 
 def _data_aware(model: nn.Module, jobs: list[LayerJob], calibration: Calibration, swap: Swapper,
-                settings: CompressSettings, runs: Runs) -> list[BlockRefinement]:
+                settings: CompressSettings, runs: Runs, held_out: list[Any] | None
+                ) -> tuple[list[BlockRefinement], dict[str, Any] | None]:
     """With calibration data, block by block (:mod:`tdnn.statistics.blockwise`): a survey of the
-    whitened spectra where ranks depend on them (budget, energy), the ranks, then the factors (and
-    each block refined, if asked: what refining did)."""
+    whitened spectra where ranks depend on them (budget, energy), the ranks (a budget's checked on
+    ``held_out``, if given: :mod:`tdnn.compress.allocation`), then the factors (and each block
+    refined, if asked); what refining did, and what the check measured and chose."""
+    if settings.budget is not None or any(isinstance(j.rank_spec, Energy) for j in jobs):
+        _survey(jobs, runs, settings.damping)
+    built, record = _ranks(model, jobs, calibration, settings, runs, held_out)
+    runs.only([j.name for j in jobs if j.cls is not None])
+    factorizer, refine = _Factorizer(swap, jobs, settings), Refine.of(settings.refine)
+    if built is not None and not settings.sequential and refine is None:  # one-shot: the winner's factors
+        for job in [j for j in jobs if j.cls is not None]:
+            factorizer.put(job.name, built[job.name], job.input_shape)
+        return [], record
+    del built  # sequential mode and refinement make factors of their own: let the winner's one-shot ones go
+    return runs.compress(factorizer, sequential=settings.sequential, refine=refine), record
+
+
+def _survey(jobs: list[LayerJob], runs: Runs, damping: float) -> None:
+    """Each job's whitened spectra, input shape and output scale, from one-shot statistics."""
+    by_name = {j.name: j for j in jobs}
+    found = runs.survey(lambda name, stats: _Surveyed(
+        by_name[name].cls.spectra(by_name[name].module, stats.whitening(damping), name=name),
+        stats.input_shape, stats.out_scale))
+    for job in jobs:
+        job.spectra, job.input_shape, job.out_scale = (found[job.name].spectra, found[job.name].input_shape,
+                                                       found[job.name].out_scale)
+
+
+def _ranks(model: nn.Module, jobs: list[LayerJob], calibration: Calibration, settings: CompressSettings, runs: Runs,
+           held_out: list[Any] | None) -> tuple[dict[str, Factorized] | None, dict[str, Any] | None]:
+    """Every job's rank, accepted or kept dense: its own spec's, or the budget's (checked on
+    ``held_out``, if given: then also the winner's factorized layers and what was measured)."""
     budget, multiple = settings.budget, settings.rank_multiple
-    if budget is not None or any(isinstance(j.rank_spec, Energy) for j in jobs):
-        by_name = {j.name: j for j in jobs}
-        found = runs.survey(lambda name, stats: _Surveyed(
-            by_name[name].cls.spectra(by_name[name].module, stats.whitening(settings.damping), name=name),
-            stats.input_shape, stats.out_scale))
-        for job in jobs:
-            job.spectra, job.input_shape, job.out_scale = (found[job.name].spectra, found[job.name].input_shape,
-                                                           found[job.name].out_scale)
-    if budget is not None:
-        fisher = runs.fisher({j.name: j.module for j in jobs}) if budget.sensitivity else None
-        _apply(jobs, assign(model, jobs, budget, batch=calibration.batches[0], fisher=fisher, multiple=multiple))
-    else:
+    if budget is None:
         for job in jobs:
             accept(job, own_rank(job, multiple))
-    runs.only([j.name for j in jobs if j.cls is not None])
-    return runs.compress(_Factorizer(swap, jobs, settings), sequential=settings.sequential,
-                         refine=Refine.of(settings.refine))
+        return None, None
+    fisher = runs.fisher({j.name: j.module for j in jobs}) if budget.sensitivity else None
+    batch = calibration.batches[0]
+    if held_out is None:
+        _apply(jobs, assign(model, jobs, budget, batch=batch, fisher=fisher, multiple=multiple))
+        return None, None
+    choice = check(model, jobs, runs, held_out, settings, batch=batch, fisher=fisher)
+    _apply(jobs, choice.ranks)
+    return choice.built, choice.record
 
 
 def _copy(model: nn.Module, jobs: list[LayerJob]) -> nn.Module:
@@ -192,6 +222,13 @@ def compress_model(model: nn.Module, ranks: Any = None, *, settings: CompressSet
             calibration samples is never trained on, and each block keeps its weights with the
             lowest error there, its closed-form start included. The plan records each block's
             held-out error before and after (``tdnn_plan.blocks``).
+        check_allocation: with a budget, hold out a seeded eighth of the calibration samples (at
+            least one; never in any statistic), compare allocations at the same budget — the budget
+            as given, the flat one (``sensitivity=False``) and uniform ranks (every layer the same
+            fraction of its parameters) — each factorized one-shot, by the model's output error on
+            them against the dense model's, and go on with the best one's ranks
+            (:mod:`tdnn.compress.allocation`; the plan records ``tdnn_plan.allocation``). ``False``
+            allocates once, from the estimates.
         progress: show progress bars.
         **options: the other fields of :class:`tdnn.CompressSettings`, as above.
 
@@ -227,32 +264,44 @@ def compress_model(model: nn.Module, ranks: Any = None, *, settings: CompressSet
         raise ValueError(f"{settings.budget}: no layer is left to allocate ranks to ({why_none(jobs)})")
     if calibration is not None and not isinstance(calibration, Calibration):
         calibration = Calibration(calibration, keep=False)
-    swap, refined = Swapper(model, park=inplace), []
+    swap, refined, checked = Swapper(model, park=inplace), [], None
     try:
         if calibration is None or not chosen:
             _plain(model, chosen, settings, swap, progress)
         else:
-            calibration.bind(model)
-            runs = Runs(model, {j.name: (j.module, j.cls.geometry) for j in chosen}, calibration,
-                        blocks=settings.blocks, reference=None if inplace else original, progress=progress)
-            refined = _data_aware(model, chosen, calibration, swap, settings, runs)
+            refined, checked = _calibrated(model, chosen, calibration, swap, settings,
+                                           reference=None if inplace else original, progress=progress)
     except BaseException:
         if inplace:  # leave the user's model as it was
             swap.undo()
         raise
     finally:
         swap.close()
-    return _planned(swap.model, jobs, settings, refined)
+    return _planned(swap.model, jobs, settings, refined, checked)
+
+
+def _calibrated(model: nn.Module, jobs: list[LayerJob], calibration: Calibration, swap: Swapper,
+                settings: CompressSettings, *, reference: nn.Module | None, progress: bool
+                ) -> tuple[list[BlockRefinement], dict[str, Any] | None]:
+    """:func:`_data_aware` on the calibration data, less a held-out slice if the budget is checked."""
+    calibration.bind(model)
+    checks = settings.budget is not None and settings.check_allocation
+    split = calibration.split(HOLD_OUT) if checks else None
+    data, held_out = split if split is not None else (calibration, None)
+    runs = Runs(model, {j.name: (j.module, j.cls.geometry) for j in jobs}, data, blocks=settings.blocks,
+                reference=reference, progress=progress)
+    refined, checked = _data_aware(model, jobs, data, swap, settings, runs, held_out)
+    return refined, unchecked(settings.budget) if checks and split is None else checked
 
 
 def _planned(model: nn.Module, jobs: list[LayerJob], settings: CompressSettings,
-             refined: list[BlockRefinement]) -> nn.Module:
-    """``model`` with its :class:`tdnn.Plan`: this call's entries, settings and refined blocks after
-    any earlier call's."""
-    plan = Plan([j.entry for j in jobs], [settings.to_dict()], [asdict(r) for r in refined])
+             refined: list[BlockRefinement], checked: dict[str, Any] | None) -> nn.Module:
+    """``model`` with its :class:`tdnn.Plan`: this call's entries, settings, refined blocks and checked
+    allocation after any earlier call's (the allocation: this call's, if it checked one)."""
+    plan = Plan([j.entry for j in jobs], [settings.to_dict()], [asdict(r) for r in refined], checked)
     previous = getattr(model, PLAN_ATTR, None)
     if isinstance(previous, Plan):  # compressing twice: keep what earlier calls factorized
         plan = Plan(previous.factorized() + plan.layers, previous.settings + plan.settings,
-                    previous.blocks + plan.blocks)
+                    previous.blocks + plan.blocks, checked if checked is not None else previous.allocation)
     setattr(model, PLAN_ATTR, plan)
     return model

@@ -16,7 +16,16 @@ from tdnn.layers import registry, walk
 from tdnn.layers.base import Factorized
 from tdnn.planning.cost import Measure, layer_cost
 from tdnn.planning.plan import LayerJob, LayerPlan
-from tdnn.planning.ranks import NO_ENTRY, VBMF, Energy, RankRule, dense_param_count, rank_for_ratio, rank_from_spectra
+from tdnn.planning.ranks import (
+    NO_ENTRY,
+    VBMF,
+    Energy,
+    RankRule,
+    dense_param_count,
+    rank_for_ratio,
+    rank_from_spectra,
+    saves,
+)
 
 NO_FORM = "has no form for"  # the reason of a layer whose kind the method does not cover
 
@@ -126,9 +135,8 @@ def own_rank(job: LayerJob, multiple: int) -> Any:
 
 def accept(job: LayerJob, rank: Any) -> None:
     """Record ``rank`` in the plan, or keep the layer dense if that would not save parameters."""
-    factor_params, dense_params = layer_cost(Measure.PARAMS, job.module, job.cls, rank), dense_param_count(job.module)
-    if factor_params >= dense_params:
-        job.keep_dense(f"{job.cls.method} at rank {rank} would have {factor_params} parameters, not fewer "
-                       f"than the dense {dense_params}")
-    else:
+    if saves(job.cls, job.module, rank):
         job.entry.method, job.entry.rank = job.cls.method, rank
+    else:
+        job.keep_dense(f"{job.cls.method} at rank {rank} would have {layer_cost(Measure.PARAMS, job.module, job.cls, rank)} "
+                       f"parameters, not fewer than the dense {dense_param_count(job.module)}")

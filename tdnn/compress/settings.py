@@ -19,7 +19,9 @@ from tdnn.planning.ranks import VBMF, Energy, LayerSpec, RankRule
 from tdnn.statistics.refine import Refine
 
 FilterFn = Callable[[nn.Module, str], bool]
-VERSION = 1  # of the dict form (to_dict / from_dict)
+VERSION = 2  # of the dict form (to_dict / from_dict); 2 added check_allocation
+# what a field absent from an older version's dict meant then (version 1 never checked an allocation)
+BEFORE = {1: {"check_allocation": False}}
 
 
 def _flag(name: str, value: Any) -> None:
@@ -69,6 +71,7 @@ class CompressSettings:
     latency_aware: bool | LatencyTimer = False
     rank_multiple: int = 1
     refine: bool | int | Refine = False
+    check_allocation: bool = True
 
     def __post_init__(self) -> None:
         check_method(self.method)
@@ -89,6 +92,7 @@ class CompressSettings:
                             f"got {self.latency_aware!r}")
         object.__setattr__(self, "rank_multiple", count("rank_multiple", self.rank_multiple))
         Refine.of(self.refine)  # checks it
+        _flag("check_allocation", self.check_allocation)
 
     def data_needed(self) -> str | None:
         """Why these settings need calibration data, or ``None`` if they do not."""
@@ -119,8 +123,10 @@ class CompressSettings:
             ValueError: for an unknown version or field, or a setting that was a callable (pass it again).
         """
         data = dict(data)
-        if data.pop("version", VERSION) != VERSION:
-            raise ValueError(f"settings of another version than {VERSION}; this tdnn cannot read them")
+        version = data.pop("version", VERSION)
+        if version != VERSION and not (isinstance(version, int) and version in BEFORE):
+            raise ValueError(f"settings of version {version!r}; this tdnn reads versions up to {VERSION}")
+        data = {**BEFORE.get(version, {}), **data}
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:

@@ -67,3 +67,27 @@ def batch_mask(batch: Any) -> torch.Tensor | None:
     """The batch's ``attention_mask`` (a dict batch of a transformer), as booleans: which tokens count."""
     mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
     return mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+
+def take_rows(batch: Any, rows: torch.Tensor, n: int) -> Any:
+    """``batch`` (a tensor or a structure of them) cut to ``rows`` where a tensor's first dimension is
+    the batch's ``n`` samples; other tensors (and other values) as they are."""
+    return map_tensors(batch, lambda t: t[rows] if t.dim() and t.shape[0] == n else t)
+
+
+def split_rows(sizes: list[int], count: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per batch of ``sizes``, ``(drawn rows, the other rows)`` of a seeded draw of ``count`` of all the
+    samples, each in order."""
+    total = sum(sizes)
+    chosen = torch.zeros(total, dtype=torch.bool)
+    chosen[torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:count]] = True
+    return [(torch.arange(n)[part], torch.arange(n)[~part]) for n, part in zip(sizes, chosen.split(sizes))]
+
+
+def square_sums(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Σ (out − target)², Σ target²)``, leaving out the tokens a (batch, tokens) ``mask`` drops."""
+    diff, ref = (out - target).square(), target.square()
+    if mask is not None and diff.dim() >= 2 and tuple(diff.shape[:2]) == tuple(mask.shape):
+        weight = mask.to(diff.dtype).reshape(*mask.shape, *[1] * (diff.dim() - 2))
+        diff, ref = diff * weight, ref * weight
+    return diff.sum(), ref.sum()

@@ -54,7 +54,7 @@ def current_plan(model: nn.Module) -> Plan:
             layers.append(old if agrees else LayerPlan(name, _kind(module), reason="not compressed"))
     if not isinstance(previous, Plan):
         return Plan(layers)
-    return Plan(layers, list(previous.settings), list(previous.blocks))
+    return Plan(layers, list(previous.settings), list(previous.blocks), previous.allocation)
 
 
 def _jsonable(value: Any) -> Any:

@@ -62,13 +62,16 @@ class LayerJob:
 @dataclass
 class Plan:
     """Per-layer decisions of :func:`tdnn.compress_model`, in walk order, the settings of each call
-    that made them (:meth:`tdnn.CompressSettings.to_dict`, oldest first) and what each refined
+    that made them (:meth:`tdnn.CompressSettings.to_dict`, oldest first), what each refined
     block's held-out output error was before and after refinement (``block``, ``before``,
-    ``after``, ``best_step``, ``steps``)."""
+    ``after``, ``best_step``, ``steps``) and, for a budget checked on held-out data, what was
+    measured and chosen (``allocation``: ``held_out`` samples, ``measured`` — each candidate's
+    relative output error there — and the ``chosen`` candidate; :mod:`tdnn.compress.allocation`)."""
 
     layers: list[LayerPlan] = field(default_factory=list)
     settings: list[dict[str, Any]] = field(default_factory=list)
     blocks: list[dict[str, Any]] = field(default_factory=list)
+    allocation: dict[str, Any] | None = None
 
     def __getitem__(self, name: str) -> LayerPlan:
         for layer in self.layers:
@@ -81,7 +84,7 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         return {"layers": [asdict(layer) for layer in self.layers], "settings": list(self.settings),
-                "blocks": list(self.blocks)}
+                "blocks": list(self.blocks), "allocation": _copied(self.allocation)}
 
     @classmethod
     def from_dict(cls, data: Any) -> Plan:
@@ -99,7 +102,8 @@ class Plan:
             if not isinstance(value, list) or not all(isinstance(s, dict) and all(isinstance(k, str) for k in s)
                                                       for s in value):
                 raise ValueError(f"'plan.{key}' must be a list of mappings")
-        return cls([_entry(entry, f"plan.layers[{i}]") for i, entry in enumerate(data["layers"])], settings, blocks)
+        return cls([_entry(entry, f"plan.layers[{i}]") for i, entry in enumerate(data["layers"])], settings, blocks,
+                   _allocation(data.get("allocation")))
 
 
 def _is_int(value: Any) -> bool:
@@ -135,3 +139,22 @@ def _entry(entry: Any, where: str) -> LayerPlan:
             raise ValueError(f"'{where}.{key}' must be {what}, got {value!r}")
     rank = entry.get("rank")
     return LayerPlan(**{**entry, "rank": tuple(rank) if isinstance(rank, (list, tuple)) else rank})
+
+
+def _copied(allocation: dict[str, Any] | None) -> dict[str, Any] | None:
+    return None if allocation is None else {**allocation, "measured": dict(allocation.get("measured", {}))}
+
+
+def _allocation(data: Any) -> dict[str, Any] | None:
+    """``plan.allocation`` as :meth:`Plan.to_dict` wrote it, checked."""
+    if data is None:
+        return None
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise ValueError("'plan.allocation' must be a mapping or null")
+    measured = data.get("measured", {})
+    if not isinstance(measured, dict) or not all(isinstance(k, str) and isinstance(v, (int, float))
+                                                 and not isinstance(v, bool) for k, v in measured.items()):
+        raise ValueError("'plan.allocation.measured' must map candidate names to numbers")
+    if not isinstance(data.get("chosen"), str) or not _is_int(data.get("held_out")):
+        raise ValueError("'plan.allocation' needs 'chosen' (text) and 'held_out' (an int)")
+    return _copied(data)

@@ -212,6 +212,11 @@ def dense_param_count(layer: nn.Module) -> int:
     return sum(p.numel() for p in layer.parameters(recurse=False))
 
 
+def saves(cls: type[Factorized], layer: nn.Module, rank: Any) -> bool:
+    """Whether ``cls`` at ``rank`` has fewer parameters than the dense ``layer``."""
+    return layer_cost("params", layer, cls, rank) < dense_param_count(layer)
+
+
 def rank_levels(cls: type[Factorized], layer: nn.Module, multiple: int = 1) -> list[Any]:
     """``cls.rank_levels(layer)`` keeping, for ``multiple > 1``, the ranks whose every component is a
     multiple of it, smaller than it, or the full rank: channel counts that SIMD units and tensor

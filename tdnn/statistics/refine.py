@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from tdnn.core import temporary
-from tdnn.core.batches import batch_size, map_tensors
+from tdnn.core.batches import batch_size, split_rows, square_sums, take_rows
 from tdnn.core.checks import count, number
 from tdnn.layers.base import Factorized
 from tdnn.statistics.sensitivity import output_of
@@ -101,22 +101,9 @@ class _Unit:
 
 def _split(sizes: list[int], holdout: float) -> tuple[list[_Unit], list[_Unit]]:
     """Per cached batch, the held-out rows and the training rows (a seeded draw over all samples)."""
-    total = sum(sizes)
-    held = set(torch.randperm(total, generator=torch.Generator().manual_seed(SEED))[:max(1, round(holdout * total))]
-               .tolist())
-    held_units, train_units, start = [], [], 0
-    for b, n in enumerate(sizes):
-        rows = torch.arange(n)
-        mask = torch.tensor([start + i in held for i in range(n)], dtype=torch.bool)
-        held_units.append(_Unit(b, rows[mask]))
-        train_units.append(_Unit(b, rows[~mask]))
-        start += n
-    return [u for u in held_units if len(u.rows)], [u for u in train_units if len(u.rows)]
-
-
-def _rows(value: Any, rows: torch.Tensor, n: int) -> Any:
-    """``value`` (a tensor or a structure of them) cut to ``rows`` where its first dimension is the batch."""
-    return map_tensors(value, lambda t: t[rows] if t.dim() and t.shape[0] == n else t)
+    parts = split_rows(sizes, max(1, round(holdout * sum(sizes))), SEED)
+    held, train = [_Unit(b, rows) for b, (rows, _) in enumerate(parts)], [_Unit(b, rows) for b, (_, rows) in enumerate(parts)]
+    return [u for u in held if len(u.rows)], [u for u in train if len(u.rows)]
 
 
 class _Block:
@@ -132,16 +119,10 @@ class _Block:
         n = batch_size(self.xs[b])
 
         def cut(value: Any) -> Any:
-            return _rows(value, rows, n)
+            return take_rows(value, rows, n)
 
         out = _tensor(self.segment.run(self.block, b, cut(self.xs[b]), cut))
-        target = self.targets[b][rows]
-        weight = None if self.masks[b] is None else self.masks[b][rows].to(out.dtype)
-        diff, ref = (out - target).square(), target.square()
-        if weight is not None and diff.dim() >= 2 and tuple(diff.shape[:2]) == tuple(weight.shape):
-            shape = (*weight.shape, *[1] * (diff.dim() - 2))
-            diff, ref = diff * weight.reshape(shape), ref * weight.reshape(shape)
-        return diff.sum(), ref.sum()
+        return square_sums(out, self.targets[b][rows], None if self.masks[b] is None else self.masks[b][rows])
 
     @torch.no_grad()
     def held_out(self, units: list[_Unit]) -> float:

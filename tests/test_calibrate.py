@@ -250,22 +250,22 @@ def test_a_kept_calibration_serves_a_sweep_with_one_pass():
     net.register_forward_hook(lambda m, a, out: calls.append(a[0].shape[0]))  # samples through the model
     batches = [correlated(64, 16, seed=s) for s in range(2)]
     data = tdnn.Calibration(batches)
-    swept = [tdnn.compress_model(net, budget=tdnn.Budget(params=p), calibration=data) for p in (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)]
+    swept = [tdnn.compress_model(net, budget=tdnn.Budget(params=p), calibration=data, check_allocation=False) for p in (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)]
     once = sum(calls)
     calls.clear()
-    tdnn.compress_model(net, budget=tdnn.Budget(params=0.5), calibration=batches)
+    tdnn.compress_model(net, budget=tdnn.Budget(params=0.5), calibration=batches, check_allocation=False)
     # all six: one pass for the sensitivities, one for the statistics; a single uncached call too
     # (the statistics its survey of the spectra collects serve its factorizing, small as they are)
     samples = sum(b.shape[0] for b in batches)
     assert once == 2 * samples and sum(calls) == 2 * samples
-    fresh = tdnn.compress_model(net, budget=tdnn.Budget(params=0.5), calibration=batches)
+    fresh = tdnn.compress_model(net, budget=tdnn.Budget(params=0.5), calibration=batches, check_allocation=False)
     x = correlated(32, 16, seed=9)
     with torch.no_grad():
         torch.testing.assert_close(swept[3](x), fresh(x))  # the same model as without the cache
     other = nn.Sequential(nn.Linear(16, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(), nn.Linear(48, 4)).double().eval()
     other.register_forward_hook(lambda m, a, out: calls.append(a[0].shape[0]))
     calls.clear()
-    tdnn.compress_model(other, budget=tdnn.Budget(params=0.5), calibration=data)
+    tdnn.compress_model(other, budget=tdnn.Budget(params=0.5), calibration=data, check_allocation=False)
     assert sum(calls) == 2 * samples  # other weights: collected again, not reused
 
 

@@ -112,6 +112,36 @@ def test_only_the_factors_train_when_asked():
     assert all(p.requires_grad for p in student.parameters())  # flags restored
 
 
+@pytest.mark.parametrize("dropout", [None, True])
+def test_distilling_turns_dropout_off_unless_asked(dropout):
+    # the teacher's targets are its eval-mode outputs: by default the student matches them without dropout
+    teacher = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Dropout(0.5), nn.Linear(64, 4)).eval()
+    student = tdnn.compress_model(teacher, ranks=0.5)
+    modes = []
+    student[2].register_forward_hook(lambda module, args, out: modes.append(module.training))
+    tdnn.finetune(student, [x for x, _ in data()], teacher=teacher, keep_best=None, dropout=dropout, progress=False)
+    assert modes == [dropout is True] * 8
+    modes.clear()
+    tdnn.finetune(student, data(), keep_best=None, progress=False)  # labels alone: dropout on, as usual
+    assert modes == [True] * 8
+
+
+def test_the_learning_rate_warms_up_over_a_tenth_of_the_run_by_default():
+    def lrs(**options):
+        opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = tdnn.FinetuneSettings(**options).scheduler_for(opt, 50)
+        seen = []
+        for _ in range(50):
+            seen.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return seen
+
+    warm = lrs()
+    assert warm[:6] == pytest.approx([1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0]) and max(warm) == 1.0
+    assert lrs(warmup_steps=0)[0] == 1.0 and lrs(warmup_steps=10)[9] == pytest.approx(10 / 11)
+
+
 # -- safe by default: the held-out slice, the best weights on every exit path ----------------------
 
 def hurt():

@@ -84,6 +84,12 @@ def _holdout(settings: FinetuneSettings, data: Iterable[Any], held_out: Iterable
     return count
 
 
+def _drops(module: nn.Module) -> bool:
+    """Whether ``module`` drops activations at random in train mode: dropout, and stochastic depth
+    (torchvision's ``StochasticDepth``, timm's ``DropPath``)."""
+    return isinstance(module, nn.modules.dropout._DropoutNd) or type(module).__name__ in ("StochasticDepth", "DropPath")
+
+
 class _Run:
     """One fine-tuning run: the model on its device, the data, the step, the checkpoints and the position."""
 
@@ -222,7 +228,7 @@ class _Run:
             self.best.consider(value, step)
 
     def loop(self, progress: bool) -> FinetuneResult:
-        r = self.result
+        r, finished = self.result, False
         self.bar = tqdm(total=self.total, initial=r.steps, desc="finetune", unit="step", dynamic_ncols=True,
                         disable=not progress or not self.group.main)
         try:
@@ -233,6 +239,7 @@ class _Run:
                     self.measure(0, epoch_end=False)  # the weights before training compete too
                 self._train()
             self._end()
+            finished = True
         except BaseException:
             if self.held.restores_locally:  # whatever went wrong, the best weights so far are the model's
                 self.best.restore()
@@ -242,8 +249,14 @@ class _Run:
             for p in self.frozen:
                 p.requires_grad_(True)
             self.checkpoints.close()
-            self.group.close()
+            self._release(finished)
         return r
+
+    def _release(self, finished: bool) -> None:
+        """Drop what holds the process group (DDP/FSDP wrappers, the teacher's shards, the
+        optimizer), then end the group (see :meth:`Group.close`)."""
+        self.held = self.step = self.best = None  # type: ignore[assignment]
+        self.group.close(wait=finished)
 
     def _train(self) -> None:
         r = self.result
@@ -266,12 +279,12 @@ class _Run:
         self.held.finish()
 
     def _train_mode(self) -> None:
-        """Train mode, with BatchNorm statistics frozen (eval mode) if asked."""
+        """Train mode, with BatchNorm statistics frozen and dropout off (eval mode) if asked."""
         self.held.module.train()
-        if self.settings.freeze_batchnorm:
-            for module in self.held.module.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
+        for module in self.held.module.modules():
+            if (self.settings.freeze_batchnorm and isinstance(module, nn.modules.batchnorm._BatchNorm)) \
+                    or (not self.settings.dropout and _drops(module)):
+                module.eval()
 
     def _evaluate(self, eval_fn: EvalFn) -> Any:
         self.held.module.eval()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -45,9 +46,21 @@ class Group:
     def main(self) -> bool:
         return self.rank == 0
 
-    def close(self) -> None:
-        if self.created:
-            dist.destroy_process_group()
+    def close(self, *, wait: bool = True) -> None:
+        """End the group if :func:`join` started it; with ``wait`` (a run that finished: every
+        process gets here), once every process is done with it.
+
+        Call it after dropping the DDP/FSDP wrappers and the optimizer: collected now (not at
+        interpreter exit), their last collectives' buffers are released while Python still runs.
+        A gloo worker thread that drops a tensor during interpreter shutdown needs the GIL, is
+        stopped by the interpreter, and the process aborts ("terminate called without an active
+        exception"), losing the run's last seconds and its exit status."""
+        if not self.created:
+            return
+        gc.collect()
+        if wait:  # no process leaves while another still talks to it (not after an error: it may never come)
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def join(device: torch.device, distributed: bool | None) -> Group:

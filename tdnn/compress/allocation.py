@@ -61,8 +61,7 @@ def candidates(model: nn.Module, jobs: list[LayerJob], budget: Budget, *, batch:
                fisher: dict[str, torch.Tensor] | None, multiple: int) -> list[Candidate]:
     """The allocations to compare at ``budget``: the budget itself, the flat one if the budget is
     sensitivity-aware, and uniform ranks (not for a latency budget)."""
-    found = [Candidate("sensitivity" if budget.sensitivity else "flat",
-                       tuple(assign(model, jobs, budget, batch=batch, fisher=fisher, multiple=multiple)))]
+    found = [Candidate(_given(budget), tuple(assign(model, jobs, budget, batch=batch, fisher=fisher, multiple=multiple)))]
     if budget.sensitivity:
         flat = assign(model, jobs, replace(budget, sensitivity=False), batch=batch, fisher=None, multiple=multiple)
         found.append(Candidate("flat", tuple(flat)))
@@ -70,6 +69,11 @@ def candidates(model: nn.Module, jobs: list[LayerJob], budget: Budget, *, batch:
     if same is not None:
         found.append(Candidate("uniform", tuple(same)))
     return found
+
+
+def _given(budget: Budget) -> str:
+    """The name of the candidate that is the budget as given."""
+    return "sensitivity" if budget.sensitivity else "flat"
 
 
 class _Trial:
@@ -151,5 +155,5 @@ def check(model: nn.Module, jobs: list[LayerJob], runs: Runs, held_out: list[Any
 
 def unchecked(budget: Budget) -> dict[str, Any]:
     """The record of a budget that could not be checked: one calibration sample, none to hold out."""
-    return {"held_out": 0, "measured": {}, "chosen": "sensitivity" if budget.sensitivity else "flat",
+    return {"held_out": 0, "measured": {}, "chosen": _given(budget),
             "note": "a single calibration sample: none to hold out, the allocation was not checked"}

@@ -359,7 +359,8 @@ def finetune(model: nn.Module, data: Iterable[Any], settings: FinetuneSettings |
               ``"sgd"`` (with ``momentum``, 0.9), ``"adamw"``, or ``params -> Optimizer``;
               ``weight_decay`` (0);
             - ``scheduler``: ``"cosine"`` (to zero at the last step), ``"constant"``, or
-              ``(optimizer, total_steps) -> scheduler``; ``warmup_steps`` (0): linear warm-up;
+              ``(optimizer, total_steps) -> scheduler``; ``warmup_steps``: linear warm-up, by
+              default over the first tenth of the run;
             - ``loss_fn``: ``(model_output, labels) -> scalar`` replacing cross-entropy;
             - ``temperature`` (4.0): distillation temperature; ``alpha``: weight of the
               distillation term, by default 1.0 with a teacher and unlabelled data, 0.5 with a
@@ -379,6 +380,9 @@ def finetune(model: nn.Module, data: Iterable[Any], settings: FinetuneSettings |
               were kept and why (``kept``);
             - ``freeze_batchnorm``: BatchNorm layers keep their running statistics (eval mode),
               by default when distilling from a teacher;
+            - ``dropout``: dropout and stochastic depth (``StochasticDepth``, ``DropPath``) stay
+              active while training; by default off when distilling from a teacher (its targets are
+              its eval-mode outputs), on otherwise;
             - ``trainable`` (``"all"``): ``"factorized"`` trains only the factors of factorized
               layers;
             - ``parallel`` (``"ddp"``): under ``torchrun``, ``"ddp"`` trains a full replica per

@@ -302,8 +302,8 @@ def _read_image(name: str) -> Any:
     import numpy as np
 
     if name in ("china", "flower"):
-        from PIL import Image
         import sklearn.datasets
+        from PIL import Image
 
         with Image.open(Path(sklearn.datasets.__file__).parent / "images" / f"{name}.jpg") as im:
             return np.asarray(im.convert("RGB"))

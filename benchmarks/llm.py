@@ -66,6 +66,7 @@ class Setting:
 SETTINGS = [
     Setting("data-aware"),
     Setting("budget", dict(budget=True)),
+    Setting("budget, unchecked", dict(budget=True, check_allocation=False)),
     Setting("best", dict(budget=True, sequential=True)),
     Setting("best + refine", dict(budget=True, sequential=True, refine=True)),
     Setting("best + refine + distillation", dict(budget=True, sequential=True, refine=True), distill=True),

@@ -138,7 +138,10 @@ def test_each_candidate_wins_on_a_model_built_for_it(winner):
     assert allocation["chosen"] == min(errors, key=errors.get) == winner
     assert min(e for name, e in errors.items() if name != winner) > 1.2 * errors[winner]  # by a margin
     assert [e.rank for e in small.tdnn_plan.layers] == [e.rank for e in alone[winner].tdnn_plan.layers]
-    assert relative_error(small, model, held) == pytest.approx(errors[winner], rel=1e-9)
+    # the factors at the winner's ranks from every sample, the held-out ones too
+    ranks = {e.name: e.rank for e in small.tdnn_plan.layers}
+    same = tdnn.compress_model(model, ranks=ranks, calibration=batches)
+    assert all(torch.equal(p, q) for p, q in zip(small.state_dict().values(), same.state_dict().values()))
 
 
 def test_sequential_and_refinement_go_on_from_the_winners_ranks():
@@ -172,8 +175,9 @@ def test_the_check_off_is_the_budget_alone():
     calls.clear()
     tdnn.compress_model(model, budget=tdnn.Budget(params=fraction), calibration=batches)
     held = round(HOLD_OUT * 128)
-    # on: both passes over the others; the dense model and each of the three candidates on the held-out ones
-    assert sum(calls) == 2 * (128 - held) + 4 * held
+    # on: both passes over the others; the dense model and each of the three candidates on the held-out
+    # ones; then the factors at the chosen ranks from one pass over every sample
+    assert sum(calls) == 2 * (128 - held) + 4 * held + 128
 
 
 def test_a_kept_calibration_serves_checked_budgets_with_one_pass_over_the_kept_samples():
@@ -185,13 +189,15 @@ def test_a_kept_calibration_serves_checked_budgets_with_one_pass_over_the_kept_s
     model.register_forward_hook(lambda module, args, output: seen.append(args[0]))
     smalls = [tdnn.compress_model(model, budget=tdnn.Budget(params=p), calibration=data) for p in (0.2, 0.3, 0.4)]
     trained = sum(x.shape[0] for x in seen if x is not held[0])
-    assert trained == 2 * sum(len(b) for b in kept.batches)  # statistics and sensitivities, once for all three
+    # statistics and sensitivities of the kept samples, and the statistics of every sample (for the
+    # factors at the chosen ranks), once for all three
+    assert trained == 2 * sum(len(b) for b in kept.batches) + sum(len(b) for b in batches)
     # per call, on the held-out samples: the dense model, then each distinct allocation (equal errors: equal ranks)
     assert sum(x is held[0] for x in seen) == sum(1 + len(set(s.tdnn_plan.allocation["measured"].values()))
                                                  for s in smalls)
 
 
-def test_held_out_samples_never_reach_the_statistics():
+def test_held_out_samples_never_reach_the_statistics_that_choose_the_ranks():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, 8)).double().eval()
     batches = [gaussian(1, n=16), gaussian(2, n=16)]
@@ -203,10 +209,13 @@ def test_held_out_samples_never_reach_the_statistics():
     clean, spiked = (tdnn.compress_model(model, budget=budget, calibration=b) for b in (batches, outlier))
     assert clean.tdnn_plan.allocation["measured"] != spiked.tdnn_plan.allocation["measured"]  # it was measured
     assert [e.rank for e in clean.tdnn_plan.layers] == [e.rank for e in spiked.tdnn_plan.layers]
-    assert all(torch.equal(p, q) for p, q in zip(clean.state_dict().values(), spiked.state_dict().values()))
+    # the factors, made after the choice, see every sample: the outlier too
+    same = tdnn.compress_model(model, ranks={e.name: e.rank for e in clean.tdnn_plan.layers}, calibration=outlier)
+    assert all(torch.equal(p, q) for p, q in zip(spiked.state_dict().values(), same.state_dict().values()))
+    assert not torch.equal(spiked[0][0].weight, clean[0][0].weight)
     trained = [outlier[1], batches[0]]  # the same outlier in the first batch, which is never held out
-    moved = tdnn.compress_model(model, ranks={e.name: e.rank for e in clean.tdnn_plan.layers}, calibration=trained)
-    assert not torch.equal(moved[0][0].weight, clean[0][0].weight)
+    moved = tdnn.compress_model(model, budget=budget, calibration=trained)
+    assert [e.rank for e in moved.tdnn_plan.layers] != [e.rank for e in clean.tdnn_plan.layers]
 
 
 def test_the_plan_keeps_the_check_through_save_load_and_pretrained(tmp_path):

@@ -408,8 +408,6 @@ def test_an_alias_to_a_tensor_not_stored_is_refused(saved):
         tdnn.load(saved, mlp16())
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError,
-                   reason="bug: checkpoint_report reads 'aliases' unchecked (tdnn report: a raw KeyError)")
 def test_the_report_of_an_alias_to_a_tensor_not_stored_names_the_file(saved, capsys):
     from tdnn.cli import main
 

@@ -190,9 +190,6 @@ def test_damaged_files_are_refused_naming_the_file(saved, damage, kwargs, file, 
         tdnn.from_pretrained(saved, **kwargs)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: from_pretrained wraps only some of transformers' errors on a config.json "
-                                     "value it cannot use (a StrictDataclassError, ZeroDivisionError, RuntimeError or "
-                                     "AttributeError escapes without the file named)")
 @pytest.mark.parametrize("values", [{"hidden_size": 33}, {"num_attention_heads": 0}, {"vocab_size": -5},
                                     {"torch_dtype": "evil"}], ids=lambda v: next(iter(v)))
 def test_a_config_value_transformers_cannot_use_is_refused_naming_the_file(saved, values):

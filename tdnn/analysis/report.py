@@ -206,16 +206,16 @@ def checkpoint_report(path: str | os.PathLike[str]) -> Report:
     :func:`report` on the loaded model gives whole-model totals and FLOPs.
 
     Raises:
-        ValueError: if ``path`` is not a tdnn checkpoint.
+        ValueError: if ``path`` is not a tdnn checkpoint or is damaged (the file named).
     """
     from safetensors import safe_open
 
-    from tdnn.deploy.io import BUFFERS, read_header
+    from tdnn.deploy.io import BUFFERS, add_aliases, read_header
 
     header = read_header(path)
     with safe_open(os.fspath(path), framework="pt") as f:
         shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys() if not key.startswith(BUFFERS)}
-    shapes.update({alias: shapes[stored] for alias, stored in header["aliases"].items()})
+    add_aliases(path, header["aliases"], shapes)
     records = []
     for entry in header["plan"].layers:
         prefix = f"{entry.name}." if entry.name else ""

@@ -9,9 +9,10 @@ budget). Each is factorized one-shot from the same statistics (those of the surv
 fit, else one pass), swapped into the model in turn and judged by the relative error
 ``‖y − t‖ / ‖t‖`` of the model's output (logits, for a language model; padding left out) against
 the dense model's on calibration samples that no statistic ever saw. The lowest error wins (the
-first candidate on a tie); sequential mode and refinement then go on from the winner's ranks, and
-one-shot compression swaps the winner's factors in as they are. The candidates' factors exist side by
-side until the winner is known (each candidate smaller than the layers it stands for).
+first candidate on a tie). The compression then goes on at the winner's ranks with every
+calibration sample, the held-out ones included (one-shot, sequential or refined, as asked): the
+check costs a pass, not the statistics of the samples it held out. The candidates' factors exist
+side by side until the winner is known (each candidate smaller than the layers it stands for).
 """
 
 from __future__ import annotations
@@ -49,11 +50,10 @@ class Candidate:
 
 @dataclass
 class Choice:
-    """What the check chose: the winner's ranks, its factorized layers by name (ready to swap in)
-    and the record for the plan (``held_out``, ``measured``, ``chosen``)."""
+    """What the check chose: the winner's ranks and the record for the plan (``held_out``,
+    ``measured``, ``chosen``)."""
 
     ranks: list[Any]
-    built: dict[str, Factorized]
     record: dict[str, Any]
 
 
@@ -147,10 +147,9 @@ def check(model: nn.Module, jobs: list[LayerJob], runs: Runs, held_out: list[Any
             error = _measured(model, jobs, candidate, trial.built, held_out, targets)
             errors[candidate.ranks] = error if math.isfinite(error) else math.inf
     best = min(found, key=lambda c: errors[c.ranks])
-    built = {j.name: trial.built[j.name, r] for j, r in zip(jobs, best.ranks) if (j.name, r) in trial.built}
     record = {"held_out": sum(batch_size(b) for b in held_out), "measured": {c.name: errors[c.ranks] for c in found},
               "chosen": best.name}
-    return Choice(list(best.ranks), built, record)
+    return Choice(list(best.ranks), record)
 
 
 def unchecked(budget: Budget) -> dict[str, Any]:

@@ -23,8 +23,8 @@ from tdnn.planning.plan import PLAN_ATTR, LayerJob, Plan
 from tdnn.planning.ranks import Energy
 from tdnn.statistics.blockwise import Runs
 from tdnn.statistics.calibration import Calibration
-from tdnn.statistics.refine import BlockRefinement, Refine
 from tdnn.statistics.moments import InputStats
+from tdnn.statistics.refine import BlockRefinement, Refine
 
 
 def _apply(jobs: list[LayerJob], ranks: list[Any]) -> None:
@@ -99,19 +99,17 @@ def _data_aware(model: nn.Module, jobs: list[LayerJob], calibration: Calibration
                 ) -> tuple[list[BlockRefinement], dict[str, Any] | None]:
     """With calibration data, block by block (:mod:`tdnn.statistics.blockwise`): a survey of the
     whitened spectra where ranks depend on them (budget, energy), the ranks (a budget's checked on
-    ``held_out``, if given: :mod:`tdnn.compress.allocation`), then the factors (and each block
-    refined, if asked); what refining did, and what the check measured and chose."""
+    ``held_out``, if given: :mod:`tdnn.compress.allocation`; ``runs`` then see the other samples of
+    ``calibration``), then the factors from all of ``calibration`` (and each block refined, if
+    asked); what refining did, and what the check measured and chose."""
     if settings.budget is not None or any(isinstance(j.rank_spec, Energy) for j in jobs):
         _survey(jobs, runs, settings.damping)
-    built, record = _ranks(model, jobs, calibration, settings, runs, held_out)
+    record = _ranks(model, jobs, settings, runs, held_out)
+    if held_out is not None:  # the ranks chosen, the factors are made from every sample, the held-out ones too
+        runs = runs.over(calibration)
     runs.only([j.name for j in jobs if j.cls is not None])
-    factorizer, refine = _Factorizer(swap, jobs, settings), Refine.of(settings.refine)
-    if built is not None and not settings.sequential and refine is None:  # one-shot: the winner's factors
-        for job in [j for j in jobs if j.cls is not None]:
-            factorizer.put(job.name, built[job.name], job.input_shape)
-        return [], record
-    del built  # sequential mode and refinement make factors of their own: let the winner's one-shot ones go
-    return runs.compress(factorizer, sequential=settings.sequential, refine=refine), record
+    factorizer = _Factorizer(swap, jobs, settings)
+    return runs.compress(factorizer, sequential=settings.sequential, refine=Refine.of(settings.refine)), record
 
 
 def _survey(jobs: list[LayerJob], runs: Runs, damping: float) -> None:
@@ -125,23 +123,23 @@ def _survey(jobs: list[LayerJob], runs: Runs, damping: float) -> None:
                                                        found[job.name].out_scale)
 
 
-def _ranks(model: nn.Module, jobs: list[LayerJob], calibration: Calibration, settings: CompressSettings, runs: Runs,
-           held_out: list[Any] | None) -> tuple[dict[str, Factorized] | None, dict[str, Any] | None]:
+def _ranks(model: nn.Module, jobs: list[LayerJob], settings: CompressSettings, runs: Runs,
+           held_out: list[Any] | None) -> dict[str, Any] | None:
     """Every job's rank, accepted or kept dense: its own spec's, or the budget's (checked on
-    ``held_out``, if given: then also the winner's factorized layers and what was measured)."""
+    ``held_out``, if given: then also what was measured and chosen)."""
     budget, multiple = settings.budget, settings.rank_multiple
     if budget is None:
         for job in jobs:
             accept(job, own_rank(job, multiple))
-        return None, None
+        return None
     fisher = runs.fisher({j.name: j.module for j in jobs}) if budget.sensitivity else None
-    batch = calibration.batches[0]
+    batch = runs.batches[0]
     if held_out is None:
         _apply(jobs, assign(model, jobs, budget, batch=batch, fisher=fisher, multiple=multiple))
-        return None, None
+        return None
     choice = check(model, jobs, runs, held_out, settings, batch=batch, fisher=fisher)
     _apply(jobs, choice.ranks)
-    return choice.built, choice.record
+    return choice.record
 
 
 def _copy(model: nn.Module, jobs: list[LayerJob]) -> nn.Module:
@@ -226,9 +224,9 @@ def compress_model(model: nn.Module, ranks: Any = None, *, settings: CompressSet
             least one; never in any statistic), compare allocations at the same budget — the budget
             as given, the flat one (``sensitivity=False``) and uniform ranks (every layer the same
             fraction of its parameters) — each factorized one-shot, by the model's output error on
-            them against the dense model's, and go on with the best one's ranks
+            them against the dense model's, and go on at the best one's ranks with every sample
             (:mod:`tdnn.compress.allocation`; the plan records ``tdnn_plan.allocation``). ``False``
-            allocates once, from the estimates.
+            allocates once, from the estimates, a pass sooner.
         progress: show progress bars.
         **options: the other fields of :class:`tdnn.CompressSettings`, as above.
 
@@ -290,7 +288,7 @@ def _calibrated(model: nn.Module, jobs: list[LayerJob], calibration: Calibration
     data, held_out = split if split is not None else (calibration, None)
     runs = Runs(model, {j.name: (j.module, j.cls.geometry) for j in jobs}, data, blocks=settings.blocks,
                 reference=reference, progress=progress)
-    refined, checked = _data_aware(model, jobs, data, swap, settings, runs, held_out)
+    refined, checked = _data_aware(model, jobs, calibration, swap, settings, runs, held_out)
     return refined, unchecked(settings.budget) if checks and split is None else checked
 
 

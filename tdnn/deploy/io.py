@@ -139,6 +139,19 @@ def save(model: nn.Module, path: PathLike) -> None:
     write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
+def add_aliases(path: PathLike, aliases: dict[str, str], table: dict[str, Any]) -> None:
+    """Give each alias in a checkpoint's header the entry of the tensor it names in ``table``.
+
+    Raises:
+        ValueError: naming ``path``, if an alias names a tensor ``table`` does not hold.
+    """
+    for alias, stored in aliases.items():
+        if stored not in table:
+            raise ValueError(f"{path}: damaged tdnn checkpoint: 'aliases' maps {alias!r} to {stored!r}, which the "
+                             f"file does not hold")
+        table[alias] = table[stored]
+
+
 def read_header(path: PathLike) -> dict[str, Any]:
     """The metadata of a tdnn checkpoint: versions, ``plan`` (a :class:`tdnn.Plan`) and ``layers``.
 
@@ -338,11 +351,7 @@ def load(path: PathLike, model: nn.Module, *, assign: bool = False) -> nn.Module
         # for unaligned data, so outputs would differ in the last bit. Own, aligned copies fix that.
         state = {key: value.clone() for key, value in state.items()}
     buffers = {key[len(BUFFERS):]: state.pop(key) for key in [k for k in state if k.startswith(BUFFERS)]}
-    for alias, stored in header["aliases"].items():
-        if stored not in state:
-            raise ValueError(f"{path}: damaged tdnn checkpoint: 'aliases' maps {alias!r} to {stored!r}, which the "
-                             f"file does not hold")
-        state[alias] = state[stored]
+    add_aliases(path, header["aliases"], state)
     try:
         model = _apply(model, header["plan"], header["layers"], state)
         _check_buffers(model, buffers)

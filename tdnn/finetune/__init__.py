@@ -30,7 +30,7 @@ from tdnn.finetune import distributed as ddp
 from tdnn.finetune.best import Best
 from tdnn.finetune.checkpoint import Checkpointer, rng_state, set_rng_state
 from tdnn.finetune.data import EpochData, global_batch_sizes
-from tdnn.finetune.parallel import Replicas, holder
+from tdnn.finetune.parallel import holder
 from tdnn.finetune.settings import FinetuneSettings
 from tdnn.finetune.step import TrainStep, distillation_loss
 from tdnn.layers.base import Factorized

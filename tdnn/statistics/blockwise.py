@@ -375,7 +375,7 @@ class Runs:
 
     def __init__(self, model: nn.Module, layers: dict[str, tuple[nn.Module, Geometry]], calibration: Calibration,
                  *, blocks: Any, reference: nn.Module | None, progress: bool) -> None:
-        self.model, self.layers, self.calibration = model, layers, calibration
+        self.model, self.layers, self.calibration, self.blocks = model, layers, calibration, blocks
         self.batches, self.reference, self.progress = calibration.batches, reference, progress
         ids = {id(m) for m, _ in layers.values()}
         self.names = find_blocks(model, blocks, lambda m: any(id(x) in ids for x in m.modules()))
@@ -386,6 +386,11 @@ class Runs:
         self._chain: Chain | None = None
         self._glue_stats: dict[str, InputStats] = {}
         self._surveyed: dict[str, InputStats] | None = None  # kept by the last survey
+
+    def over(self, calibration: Calibration) -> Runs:
+        """The same passes over other calibration data (nothing captured yet)."""
+        return Runs(self.model, self.layers, calibration, blocks=self.blocks, reference=self.reference,
+                    progress=self.progress)
 
     def only(self, names: list[str]) -> None:
         """Calibrate and factorize only these layers from now on."""

@@ -212,6 +212,7 @@ VARIANTS = [
     ("plain", dict(calibration=False)),
     ("data-aware", dict()),
     ("budget", dict(budget=True)),
+    ("budget, unchecked", dict(budget=True, check_allocation=False)),
     ("best (budget + sequential)", dict(budget=True, sequential=True)),
     ("best + refine", dict(budget=True, sequential=True, refine=True)),
 ]
